@@ -62,11 +62,15 @@ def cuda_cmake_args(torch):
         f"-DCUDAToolkit_ROOT={cuda_home}",
         f"-DCUDA_TOOLKIT_ROOT_DIR={cuda_home}",
     ]
-    # The toolkit may lack nvrtc; the CUDA torch wheel's nvidia-* packages carry it.
+    # The toolkit may lack nvrtc and the CUDA libraries' headers; the CUDA torch wheel's
+    # nvidia-* packages carry them.
     site = Path(torch.__file__).resolve().parent.parent
     nvrtc = sorted(glob.glob(str(site / "nvidia/**/lib/libnvrtc.so*"), recursive=True))
     if nvrtc and not list(cuda_home.glob("lib*/libnvrtc.so*")):
         args.append(f"-DCUDA_nvrtc_LIBRARY={nvrtc[0]}")
+    cusparse = sorted(glob.glob(str(site / "nvidia/**/include/cusparse.h"), recursive=True))
+    if cusparse and not (cuda_home / "include/cusparse.h").is_file():
+        args.append(f"-DSAFEGENE_CUDA_EXTRA_INCLUDE={Path(cusparse[0]).parent}")
     print(f"safegene_fast: building CPU and CUDA kernels (archs {archs}, nvcc in {cuda_home}).")
     return args
 
@@ -89,9 +93,13 @@ class CMakeBuild(build_ext):
             f"-DSAFEGENE_VERSION={VERSION}",
             *cuda_cmake_args(torch),
         ]
-        subprocess.run(configure, check=True)
+        # The cmake and ninja pip packages installed beside this Python come first: the
+        # system cmake may be too old for CUDA 20.
+        env = dict(os.environ)
+        env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+        subprocess.run(configure, check=True, env=env)
         jobs = os.environ.get("CMAKE_BUILD_PARALLEL_LEVEL", str(os.cpu_count() or 1))
-        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True)
+        subprocess.run(["cmake", "--build", str(build_dir), "-j", jobs], check=True, env=env)
 
 
 setup(

@@ -50,6 +50,12 @@ PYBIND11_MODULE(_C, module) {
   });
   module.def(
       "set_cpu_isa",
-      [](const std::string& name) { safegene::set_cpu_isa(safegene::parse_cpu_isa(name)); },
+      [](const std::string& name) {
+        try {
+          safegene::set_cpu_isa(safegene::parse_cpu_isa(name));
+        } catch (const c10::Error& e) {  // plain pybind11 would add a C++ backtrace
+          throw py::value_error(e.what_without_backtrace());
+        }
+      },
       "Run the CPU kernels' variant for this instruction set (avx512, avx2 or default).");
 }
