@@ -1,0 +1,34 @@
+# Set-up and entry points. Each target creates .venv (CPU build of torch) and builds the native
+# module on first use, and rebuilds it when csrc/ or the build files change.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.safegene-built
+NATIVE_INPUTS := requirements.txt setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f)
+
+.PHONY: demo test bench doctor clean
+
+## demo: the main job: benchmark table of the fused kernels and rsvd on generated data
+demo: $(STAMP)
+	$(PY) bench/bench_table.py
+
+## test: the whole test suite (CPU; CUDA tests skip without a GPU)
+test: $(STAMP)
+	$(PY) -m pytest python_tests -q
+
+## bench: pytest-benchmark for every op
+bench: $(STAMP)
+	$(PY) -m pytest bench --benchmark-only
+
+## doctor: what was built
+doctor: $(STAMP)
+	$(PY) -m safegene_fast doctor
+
+$(STAMP): $(NATIVE_INPUTS)
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-build-isolation -e .
+	touch $@
+
+clean:
+	rm -rf build $(VENV) safegene_fast/_C*.so *.egg-info
