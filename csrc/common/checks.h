@@ -62,6 +62,25 @@ inline void check_sources(const at::Tensor& a, at::TensorList b, const char* op)
   }
 }
 
+// The checks of delta/delta_out: the sources, and out as a float32 tensor of a's shape.
+inline void check_delta(const at::Tensor& a, at::TensorList b, const at::Tensor& out) {
+  const char* op = "delta";
+  check_sources(a, b, op);
+  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, op, ": out has dtype ", out.scalar_type(),
+                   ", but must be float32.");
+  check_same_device(out, a, op, "out", "a");
+  check_same_shape(out, a, op, "out", "a");
+  check_contiguous(out, op, "out");
+}
+
+// The checks of merge_dense_: w and d contiguous, supported dtypes, same shape and device.
+inline void check_merge_dense(const at::Tensor& w, const at::Tensor& d) {
+  const char* op = "merge_dense_";
+  check_float(w, op, "w");
+  check_contiguous(w, op, "w");
+  check_operand(d, w, op, "d", "w");
+}
+
 // Dispatches on a supported float dtype, binding T to safegene's storage type for it.
 #define SG_DISPATCH_FLOAT(dtype, T, ...)                                  \
   [&] {                                                                   \

@@ -51,13 +51,7 @@ SG_CPU_MULTIVERSION(delta_loop, delta_body)
 }  // namespace
 
 void delta_out_cpu(const at::Tensor& a, at::TensorList b, const at::Tensor& out) {
-  const char* op = "delta";
-  check_sources(a, b, op);
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, op, ": out has dtype ", out.scalar_type(),
-                   ", but must be float32.");
-  check_same_device(out, a, op, "out", "a");
-  check_same_shape(out, a, op, "out", "a");
-  check_contiguous(out, op, "out");
+  check_delta(a, b, out);
   std::vector<const void*> srcs;
   std::vector<at::ScalarType> dtypes;
   for (const auto& t : b) {

@@ -20,10 +20,7 @@ SG_CPU_MULTIVERSION(merge_dense_loop, merge_dense_body)
 }  // namespace
 
 void merge_dense_cpu_(const at::Tensor& w, const at::Tensor& d, double alpha) {
-  const char* op = "merge_dense_";
-  check_float(w, op, "w");
-  check_contiguous(w, op, "w");
-  check_operand(d, w, op, "d", "w");
+  check_merge_dense(w, d);
   const float alpha_f = static_cast<float>(alpha);  // torch also scales in float32
   SG_DISPATCH_FLOAT(w.scalar_type(), W, [&] {
     SG_DISPATCH_FLOAT(d.scalar_type(), D, [&] {

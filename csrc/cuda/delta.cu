@@ -74,13 +74,7 @@ int source_type(at::ScalarType t) {
 }  // namespace
 
 void delta_out_cuda(const at::Tensor& a, at::TensorList b, const at::Tensor& out) {
-  const char* op = "delta";
-  check_sources(a, b, op);
-  TORCH_CHECK_TYPE(out.scalar_type() == at::kFloat, op, ": out has dtype ", out.scalar_type(),
-                   ", but must be float32.");
-  check_same_device(out, a, op, "out", "a");
-  check_same_shape(out, a, op, "out", "a");
-  check_contiguous(out, op, "out");
+  check_delta(a, b, out);
   const int64_t n = a.numel();
   if (n == 0) return;
   Sources sources{};

@@ -35,10 +35,7 @@ __global__ void merge_dense_kernel(W* __restrict__ w, const D* __restrict__ d, f
 }  // namespace
 
 void merge_dense_cuda_(const at::Tensor& w, const at::Tensor& d, double alpha) {
-  const char* op = "merge_dense_";
-  check_float(w, op, "w");
-  check_contiguous(w, op, "w");
-  check_operand(d, w, op, "d", "w");
+  check_merge_dense(w, d);
   const int64_t n = w.numel();
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(w.device());
