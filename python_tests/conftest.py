@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import types
+
 import pytest
 import torch
 
@@ -79,3 +82,19 @@ def ulp(exact: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     _, exponent = torch.frexp(exact.double())  # exact = mantissa * 2**exponent, mantissa in [0.5, 1)
     eps = torch.full_like(exact, info.eps, dtype=torch.float64)
     return torch.ldexp(eps, exponent - 1).clamp_min(info.smallest_normal * info.eps)
+
+
+def _peak_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
+
+
+@contextlib.contextmanager
+def peak_rss_growth():
+    """Measures how far peak resident memory rises above its level at entry (MiB, in .mib)."""
+    with open("/proc/self/clear_refs", "w") as f:  # resets the peak to the current RSS
+        f.write("5")
+    result = types.SimpleNamespace(mib=0.0)
+    base = _peak_rss_kib()
+    yield result
+    result.mib = (_peak_rss_kib() - base) / 1024

@@ -8,7 +8,7 @@ import torch
 import safegene_fast as sg
 from safegene_fast import reference as ref
 
-from conftest import DEVICES, FLOAT_DTYPES, TOLERANCE, random, ulp
+from conftest import DEVICES, FLOAT_DTYPES, TOLERANCE, peak_rss_growth, random, ulp
 
 # (out, in, r): awkward sizes; 1000 x 3001 spans several row blocks of the 4 MiB workspace.
 SHAPES = [(1, 1, 1), (7, 5, 3), (769, 513, 16), (1000, 3001, 64), (5125, 7, 16)]
@@ -72,16 +72,9 @@ def test_workspace_is_bounded():
     B, A = random((out, 16), torch.bfloat16), random((16, inp), torch.bfloat16)
     sg.merge_lowrank_(w[:8].contiguous(), B[:8], A, 1.0)  # warm up the GEMM library
 
-    def rss_peak_kib():
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM"))
-
-    with open("/proc/self/clear_refs", "w") as f:  # reset the peak to the current RSS
-        f.write("5")
-    base = rss_peak_kib()
-    sg.merge_lowrank_(w, B, A, 1.0)
-    grown_mib = (rss_peak_kib() - base) / 1024
-    assert grown_mib < 48, f"peak RSS grew by {grown_mib:.0f} MiB"
+    with peak_rss_growth() as grown:
+        sg.merge_lowrank_(w, B, A, 1.0)
+    assert grown.mib < 48, f"peak RSS grew by {grown.mib:.0f} MiB"
     assert w.abs().sum() > 0
 
 

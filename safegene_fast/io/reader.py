@@ -1,0 +1,220 @@
+"""Reading Hugging Face safetensors checkpoints, validated before anything is trusted.
+
+A checkpoint is a folder with ``model.safetensors``, or with shards and
+``model.safetensors.index.json``, or a single ``.safetensors`` file. Each shard is opened once
+and read with ``os.preadv`` straight into tensor memory: nothing is memory-mapped, so resident
+memory stays bounded by the tensors in flight, not by the file sizes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+INDEX_NAME = "model.safetensors.index.json"
+SINGLE_NAME = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own cap
+
+DTYPES = {
+    "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+    "U8": torch.uint8, "BOOL": torch.bool,
+}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file, tensor and problem."""
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    file: Path
+    offset: int  # absolute byte offset of the data in `file`
+    nbytes: int
+
+
+def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
+    """Parses and validates one safetensors file's header: its tensors and its metadata."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            prefix = f.read(8)
+            if len(prefix) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (only {size} bytes).")
+            (header_len,) = struct.unpack("<Q", prefix)
+            if header_len > MAX_HEADER_BYTES or header_len > size - 8:
+                raise CheckpointError(
+                    f"{path}: not a safetensors file or truncated (header length {header_len} "
+                    f"bytes, file {size} bytes).")
+            raw = f.read(header_len)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
+    try:
+        header = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON).") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object).")
+    metadata = header.pop("__metadata__", None) or {}
+    data_start, data_len = 8 + header_len, size - 8 - header_len
+    tensors, spans = {}, []
+    for name, entry in header.items():
+        try:
+            dtype = DTYPES[entry["dtype"]]
+            shape = tuple(int(x) for x in entry["shape"])
+            begin, end = (int(x) for x in entry["data_offsets"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has a malformed or unsupported header entry "
+                f"{json.dumps(entry)[:120]}.") from None
+        numel = 1
+        for dim in shape:
+            if dim < 0:
+                raise CheckpointError(f"{path}: tensor {name!r} has a negative dimension {shape}.")
+            numel *= dim
+        expected = numel * torch.empty((), dtype=dtype).element_size()
+        if end - begin != expected or begin < 0:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} has byte range [{begin}, {end}) but its shape {list(shape)} "
+                f"and dtype {entry['dtype']} need {expected} bytes.")
+        if end > data_len:
+            raise CheckpointError(
+                f"{path}: tensor {name!r} ends at byte {end} past the end of the data ({data_len} "
+                f"bytes): the file is truncated.")
+        spans.append((begin, end, name))
+        tensors[name] = TensorInfo(name, dtype, shape, path, data_start + begin, expected)
+    position = 0
+    for begin, end, name in sorted(spans):
+        if begin != position:
+            problem = "overlaps the previous tensor" if begin < position else "leaves a gap before it"
+            raise CheckpointError(f"{path}: tensor {name!r} at byte {begin} {problem} "
+                                  f"(expected byte {position}).")
+        position = end
+    if position != data_len:
+        raise CheckpointError(f"{path}: the data section has {data_len - position} bytes that no "
+                              f"tensor uses after byte {position}.")
+    return tensors, metadata
+
+
+class Checkpoint:
+    """An opened, validated checkpoint. Use as a context manager to close its shard handles."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise CheckpointError(f"{self.path}: no such file or folder.")
+        self.folder = self.path if self.path.is_dir() else self.path.parent
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
+        for shard in self._shard_files():
+            tensors, metadata = read_header(shard)
+            self.metadata.update(metadata)
+            self.tensors.update(tensors)
+        if self._index is not None:
+            self._check_index()
+        self._fds: dict[Path, int] = {}
+
+    def _shard_files(self) -> list[Path]:
+        self._index = None
+        if self.path.is_file():
+            return [self.path]
+        index_path = self.folder / INDEX_NAME
+        if index_path.is_file():
+            try:
+                self._index = json.loads(index_path.read_text())["weight_map"]
+                if not isinstance(self._index, dict):
+                    raise TypeError
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+                raise CheckpointError(f"{index_path}: not a valid index (no weight_map object).") from None
+            shards = []
+            for name in sorted(set(self._index.values())):
+                shard = Path(name)
+                if shard.is_absolute() or len(shard.parts) != 1 or name in ("..", "."):
+                    raise CheckpointError(f"{index_path}: shard {name!r} lies outside the checkpoint folder.")
+                if not (self.folder / shard).is_file():
+                    raise CheckpointError(f"{index_path}: shard {name!r} is missing.")
+                shards.append(self.folder / shard)
+            return shards
+        if (self.folder / SINGLE_NAME).is_file():
+            return [self.folder / SINGLE_NAME]
+        raise CheckpointError(f"{self.folder}: no {SINGLE_NAME} or {INDEX_NAME} in this folder.")
+
+    def _check_index(self) -> None:
+        index_path = self.folder / INDEX_NAME
+        for name, shard in self._index.items():
+            info = self.tensors.get(name)
+            if info is None or info.file.name != shard:
+                raise CheckpointError(f"{index_path}: tensor {name!r} is not in shard {shard!r}.")
+        extra = sorted(set(self.tensors) - set(self._index))
+        if extra:
+            raise CheckpointError(f"{index_path}: tensor {extra[0]!r} of shard "
+                                  f"{self.tensors[extra[0]].file.name!r} is not in the index.")
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.tensors)
+
+    def read(self, name: str) -> torch.Tensor:
+        """One tensor, read into fresh memory with a single positioned read."""
+        info = self.tensors[name]
+        out = torch.empty(info.nbytes, dtype=torch.uint8)
+        if info.nbytes:
+            fd = self._fds.get(info.file)
+            if fd is None:
+                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            view = memoryview(out.numpy())
+            done = 0
+            while done < info.nbytes:  # preadv may return short reads
+                got = os.preadv(fd, [view[done:]], info.offset + done)
+                if got == 0:
+                    raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk.")
+                done += got
+        return out.view(info.dtype).reshape(info.shape)
+
+    def iter_tensors(self, names: Iterable[str]) -> Iterator[tuple[str, torch.Tensor]]:
+        """Yields (name, tensor) in order, reading the next tensor while the caller works."""
+        names = list(names)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(self.read, names[0]) if names else None
+            for i, name in enumerate(names):
+                tensor = pending.result()
+                pending = pool.submit(self.read, names[i + 1]) if i + 1 < len(names) else None
+                yield name, tensor
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+
+    def __enter__(self) -> Checkpoint:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def check_same_layout(reference: Checkpoint, *others: Checkpoint) -> None:
+    """Every checkpoint of one run must hold the same tensor names, shapes and dtypes."""
+    for other in others:
+        for name, info in reference.tensors.items():
+            theirs = other.tensors.get(name)
+            if theirs is None:
+                raise CheckpointError(f"{other.path}: has no tensor {name!r}, which {reference.path} has.")
+            if theirs.shape != info.shape or theirs.dtype != info.dtype:
+                raise CheckpointError(
+                    f"{other.path}: tensor {name!r} is {theirs.dtype} {list(theirs.shape)} but in "
+                    f"{reference.path} it is {info.dtype} {list(info.shape)}.")
+        extra = [n for n in other.tensors if n not in reference.tensors]
+        if extra:
+            raise CheckpointError(f"{other.path}: has tensor {extra[0]!r}, which {reference.path} lacks.")

@@ -1,0 +1,193 @@
+"""Writing a checkpoint in the Hugging Face layout, streamed and atomic.
+
+Every shard's header is planned up front from the tensors' names, shapes and dtypes, so tensor
+data is streamed straight to disk in order and memory stays bounded by one tensor. All files go
+into a hidden temporary folder beside the output, are fsynced, and the folder is renamed into
+place only when complete (index last): a failed or interrupted run leaves nothing that looks
+finished, and the temporary folder is removed on any error.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from safegene_fast.io.reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, CheckpointError
+
+# Files copied from the source model so the output loads like it (transformers, tokenizers).
+COMPANION_FILES = (
+    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
+    "added_tokens.json", "chat_template.jinja",
+)
+
+
+@dataclass(frozen=True)
+class Planned:
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        numel = 1
+        for dim in self.shape:
+            numel *= dim
+        return numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def plan_shards(tensors: list[Planned], max_shard_size: int) -> list[list[Planned]]:
+    """Tensors in order, cut into shards of at most max_shard_size data bytes (a larger tensor
+    gets a shard of its own)."""
+    shards: list[list[Planned]] = [[]]
+    size = 0
+    for t in tensors:
+        if shards[-1] and size + t.nbytes > max_shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(t)
+        size += t.nbytes
+    return shards
+
+
+def shard_header(shard: list[Planned]) -> bytes:
+    """The safetensors header of one shard, padded to 8 bytes like the reference writer."""
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for t in shard:
+        header[t.name] = {"dtype": DTYPE_NAMES[t.dtype], "shape": list(t.shape),
+                          "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw
+
+
+class ShardedWriter:
+    """Streams tensors, in the planned order, into a new checkpoint folder.
+
+        with ShardedWriter(out, planned, max_shard_size, copy_from=model_dir) as writer:
+            for name, tensor in ...:
+                writer.write(name, tensor)
+        # the folder appears at `out` only here, complete
+    """
+
+    def __init__(self, out: str | os.PathLike, tensors: list[Planned], max_shard_size: int = 5 * 10**9,
+                 copy_from: str | os.PathLike | None = None, overwrite: bool = False):
+        self.out = Path(out)
+        if self.out.exists() and not overwrite:
+            raise CheckpointError(f"{self.out}: already exists; pass --overwrite to replace it.")
+        if max_shard_size <= 0:
+            raise CheckpointError(f"max shard size must be positive, got {max_shard_size}.")
+        self.copy_from = Path(copy_from) if copy_from else None
+        self.shards = plan_shards(list(tensors), max_shard_size)
+        n = len(self.shards)
+        self.shard_names = [SINGLE_NAME] if n == 1 else [
+            f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+        self.order = [t for shard in self.shards for t in shard]
+        self.shard_of = [i for i, shard in enumerate(self.shards) for _ in shard]
+        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp.mkdir(parents=True)
+        self._next = 0        # index into self.order
+        self._shard = -1      # shard being written
+        self._file = None
+
+    def _guard(self, what: str, action):
+        try:
+            return action()
+        except OSError as exc:
+            self.abort()
+            reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror
+            raise CheckpointError(f"{self.out}: writing {what} failed ({reason}); the partial "
+                                  f"output was removed.") from None
+
+    def _close_shard(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Appends the next planned tensor (same name, dtype and shape as planned)."""
+        if self._next >= len(self.order) or self.order[self._next].name != name:
+            expected = self.order[self._next].name if self._next < len(self.order) else "nothing"
+            self.abort()
+            raise CheckpointError(f"{self.out}: got tensor {name!r} but the plan expects {expected!r}.")
+        planned = self.order[self._next]
+        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+            self.abort()
+            raise CheckpointError(f"{self.out}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)} "
+                                  f"but was planned as {planned.dtype} {list(planned.shape)}.")
+        shard = self.shard_of[self._next]
+        if shard != self._shard:
+            self._guard(f"shard {self.shard_names[shard]}", lambda: self._open_shard(shard))
+        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+        self._guard(f"tensor {name!r}", lambda: self._file.write(memoryview(data)))
+        self._next += 1
+
+    def _open_shard(self, shard: int) -> None:
+        self._close_shard()
+        self._shard = shard
+        self._file = open(self.tmp / self.shard_names[shard], "wb")
+        self._file.write(shard_header(self.shards[shard]))
+
+    def finish(self) -> Path:
+        """Completes the checkpoint and moves it into place; returns its folder."""
+        if self._next != len(self.order):
+            missing = self.order[self._next].name
+            self.abort()
+            raise CheckpointError(f"{self.out}: incomplete, tensor {missing!r} was never written.")
+        self._guard("the index and companion files", self._finish_files)
+        return self.out
+
+    def _finish_files(self) -> None:
+        if not self.order:  # a checkpoint with no tensors still gets its (empty) file
+            self._open_shard(0)
+        self._close_shard()
+        if self.copy_from is not None:
+            for name in COMPANION_FILES:
+                if (self.copy_from / name).is_file():
+                    shutil.copyfile(self.copy_from / name, self.tmp / name)
+        if len(self.shards) > 1:
+            total = sum(t.nbytes for t in self.order)
+            weight_map = {t.name: self.shard_names[i] for i, s in enumerate(self.shards) for t in s}
+            index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+            with open(self.tmp / INDEX_NAME, "w") as f:
+                json.dump(index, f, indent=2)
+                f.flush()
+                os.fsync(f.fileno())
+        dir_fd = os.open(self.tmp, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        old = None
+        if self.out.exists():  # --overwrite: move the old one aside, then drop it
+            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
+            self.out.rename(old)
+        self.tmp.rename(self.out)
+        if old is not None:
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
+
+    def abort(self) -> None:
+        """Removes everything written so far."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+    def __enter__(self) -> ShardedWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.finish()
+        else:
+            self.abort()
