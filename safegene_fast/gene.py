@@ -1,0 +1,115 @@
+"""The safety gene: per-module LoRA factors of the safety discrepancy, saved as a PEFT adapter.
+
+On disk a gene is a PEFT LoRA adapter folder (``adapter_config.json`` with per-module
+``rank_pattern``/``alpha_pattern`` so every module's scaling is 1, and
+``adapter_model.safetensors`` with PEFT's key names) plus ``safegene.json`` for what PEFT has no
+field for: singular values, energy kept, layer indices, provenance and settings.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from safegene_fast.io import CheckpointError
+
+PEFT_PREFIX = "base_model.model."
+LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
+
+
+def layer_of(module: str) -> int | None:
+    match = LAYER_RE.search(f".{module}.")
+    return int(match[1]) if match else None
+
+
+@dataclass
+class GeneModule:
+    B: torch.Tensor  # (out, r)
+    A: torch.Tensor  # (r, in)
+    S: torch.Tensor  # (r,) singular values kept
+    energy: float    # fraction of ||delta||_F^2 the factors keep
+    layer: int | None
+
+    @property
+    def rank(self) -> int:
+        return self.A.shape[0]
+
+
+@dataclass
+class SafetyGene:
+    modules: dict[str, GeneModule]          # module name (weight name without ".weight")
+    provenance: dict = field(default_factory=dict)
+
+    def coefficient_for(self, module: str, coeffs: dict[str, float] | float) -> float:
+        """A module's alpha: by module name, else by its layer index; absent means 0."""
+        if not isinstance(coeffs, dict):
+            return float(coeffs)
+        if module in coeffs:
+            return float(coeffs[module])
+        return float(coeffs.get(str(self.modules[module].layer), 0.0))
+
+    def save(self, folder: str | os.PathLike, overwrite: bool = False,
+             base_model: str = "", coeffs: dict[str, float] | float = 1.0) -> Path:
+        """Writes the PEFT adapter (alpha folded into B) and safegene.json, atomically."""
+        folder = Path(folder)
+        if folder.exists() and not overwrite:
+            raise CheckpointError(f"{folder}: already exists; pass --overwrite to replace it.")
+        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            tensors, ranks = {}, {}
+            for name, m in self.modules.items():
+                alpha = self.coefficient_for(name, coeffs)
+                tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.contiguous()
+                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.B * alpha).to(m.B.dtype).contiguous()
+                ranks[name] = m.rank
+            save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+            default_r = max(ranks.values(), default=1)
+            config = {
+                "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+                "r": default_r, "lora_alpha": default_r, "rank_pattern": ranks, "alpha_pattern": ranks,
+                "target_modules": sorted(self.modules), "lora_dropout": 0.0, "bias": "none",
+                "fan_in_fan_out": False, "inference_mode": True,
+            }
+            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            meta = {
+                "provenance": self.provenance,
+                "coefficients_folded": coeffs,
+                "modules": {name: {"rank": m.rank, "layer": m.layer, "energy": m.energy,
+                                   "singular_values": m.S.tolist()} for name, m in self.modules.items()},
+            }
+            (tmp / "safegene.json").write_text(json.dumps(meta, indent=2))
+            if folder.exists():
+                shutil.rmtree(folder)
+            tmp.rename(folder)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        return folder
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike) -> SafetyGene:
+        """Reads a gene saved by ``save`` (with coefficient 1 folded in) back, factor for factor."""
+        folder = Path(folder)
+        try:
+            meta = json.loads((folder / "safegene.json").read_text())
+            tensors = load_file(str(folder / "adapter_model.safetensors"))
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CheckpointError(f"{folder}: not a safety gene folder ({exc}).") from None
+        modules = {}
+        for name, info in meta["modules"].items():
+            try:
+                A = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"]
+                B = tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
+            except KeyError:
+                raise CheckpointError(f"{folder}: adapter has no factors for module {name!r}.") from None
+            modules[name] = GeneModule(B, A, torch.tensor(info["singular_values"]), info["energy"],
+                                       info["layer"])
+        return cls(modules, meta.get("provenance", {}))

@@ -1,0 +1,125 @@
+"""extract / apply / resta over checkpoints streamed from disk (Python API)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import re
+from pathlib import Path
+
+import torch
+
+import safegene_fast
+from safegene_fast import ops
+from safegene_fast.gene import GeneModule, SafetyGene, layer_of
+from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
+
+# Default targets: every 2-D weight inside the transformer blocks (attention and MLP
+# projections); embeddings, the LM head and norms are outside this pattern or 1-D.
+DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
+
+
+def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
+    """Weight names whose module gets a gene factor."""
+    inc, exc = re.compile(include or DEFAULT_INCLUDE), re.compile(exclude) if exclude else None
+    return [n for n, info in ckpt.tensors.items()
+            if len(info.shape) == 2 and info.dtype.is_floating_point
+            and inc.search(n) and not (exc and exc.search(n))]
+
+
+def _fingerprint(ckpt: Checkpoint) -> str:
+    """sha256 of the checkpoint's headers (names, shapes, dtypes, offsets) and index."""
+    h = hashlib.sha256()
+    for name in sorted(ckpt.tensors):
+        info = ckpt.tensors[name]
+        h.update(f"{name}|{info.dtype}|{info.shape}|{info.file.name}|{info.offset}\n".encode())
+    return h.hexdigest()
+
+
+def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, rank: int | None = None,
+            energy: float | None = None, max_rank: int | None = None, oversample: int = 8,
+            power_iters: int = 2, seed: int = 0, include: str | None = None, exclude: str | None = None,
+            device: str = "cpu", factor_dtype: torch.dtype = torch.float32) -> SafetyGene:
+    """The safety gene of ``aligned - mean(degraded)``: LoRA factors per selected module."""
+    if not degraded:
+        raise CheckpointError("extract needs at least one degraded checkpoint.")
+    with Checkpoint(aligned) as a_ckpt:
+        d_ckpts = [Checkpoint(p) for p in degraded]
+        try:
+            check_same_layout(a_ckpt, *d_ckpts)
+            names = select_modules(a_ckpt, include, exclude)
+            if not names:
+                raise CheckpointError(f"{aligned}: no tensor matches the module selection.")
+            modules = {}
+            readers = [a_ckpt.iter_tensors(names)] + [c.iter_tensors(names) for c in d_ckpts]
+            for items in zip(*readers):
+                name = items[0][0]
+                a, bs = items[0][1].to(device), [t.to(device) for _, t in items[1:]]
+                delta = ops.delta(a, bs)  # the one fp32 matrix; rsvd takes it without a copy
+                total = float(torch.linalg.vector_norm(delta)) ** 2
+                if not torch.isfinite(torch.tensor(total)):
+                    raise CheckpointError(f"{aligned}: the delta of tensor {name!r} has NaN or Inf.")
+                B, A, S = ops.rsvd_lora(delta, rank=rank, energy=energy, max_rank=max_rank,
+                                        oversample=oversample, power_iters=power_iters, seed=seed,
+                                        dtype=factor_dtype)
+                kept = float(S.double().square().sum()) / total if total > 0 else 1.0
+                module = name.removesuffix(".weight")
+                modules[module] = GeneModule(B.cpu(), A.cpu(), S.cpu(), kept, layer_of(module))
+        finally:
+            for c in d_ckpts:
+                c.close()
+        provenance = {
+            "aligned": str(aligned), "degraded": [str(p) for p in degraded],
+            "sha256": {str(aligned): _fingerprint(a_ckpt),
+                       **{str(p): _fingerprint(c) for p, c in zip(degraded, d_ckpts)}},
+            "settings": {"rank": rank, "energy": energy, "max_rank": max_rank, "oversample": oversample,
+                         "power_iters": power_iters, "seed": seed, "include": include or DEFAULT_INCLUDE,
+                         "exclude": exclude},
+            "safegene_fast": safegene_fast.__version__,
+        }
+    return SafetyGene(modules, provenance)
+
+
+def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
+                 coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = 5 * 10**9,
+                 device: str = "cpu", overwrite: bool = False) -> Path:
+    """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module."""
+    with Checkpoint(model) as ckpt:
+        missing = [m for m in gene.modules if f"{m}.weight" not in ckpt.tensors]
+        if missing:
+            raise CheckpointError(f"{model}: has no tensor {missing[0] + '.weight'!r}, which the gene targets.")
+        plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
+        with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer:
+            for name, w in ckpt.iter_tensors([p.name for p in plan]):
+                module = gene.modules.get(name.removesuffix(".weight"))
+                alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if module else 0.0
+                if alpha != 0.0:
+                    m = module
+                    if tuple(w.shape) != (m.B.shape[0], m.A.shape[1]):
+                        raise CheckpointError(f"{model}: tensor {name!r} has shape {list(w.shape)} but the "
+                                              f"gene's factors make {[m.B.shape[0], m.A.shape[1]]}.")
+                    w = w.to(device)
+                    ops.merge_lowrank_(w, m.B.to(device), m.A.to(device), alpha)
+                writer.write(name, w)
+    return Path(out)
+
+
+def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | os.PathLike,
+          alpha: float, out: str | os.PathLike, *, max_shard_size: int = 5 * 10**9,
+          device: str = "cpu", overwrite: bool = False) -> Path:
+    """The dense RESTA baseline: every floating tensor becomes ``T + alpha * (A - D)``."""
+    with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt:
+        check_same_layout(t_ckpt, a_ckpt, d_ckpt)
+        plan = [Planned(n, i.dtype, i.shape) for n, i in t_ckpt.tensors.items()]
+        names = [p.name for p in plan]
+        with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer:
+            for (name, w), (_, a), (_, d) in zip(t_ckpt.iter_tensors(names), a_ckpt.iter_tensors(names),
+                                                 d_ckpt.iter_tensors(names)):
+                if w.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.numel():
+                    w = w.to(device)
+                    delta = ops.delta(a.to(device), d.to(device))
+                    if not bool(torch.isfinite(delta).all()):
+                        raise CheckpointError(f"{aligned}: the delta of tensor {name!r} has NaN or Inf.")
+                    ops.merge_dense_(w, delta, alpha)
+                writer.write(name, w)
+    return Path(out)
