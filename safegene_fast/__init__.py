@@ -17,9 +17,15 @@ from safegene_fast.ops import (  # noqa: E402
     rsvd,
     rsvd_lora,
 )
+from safegene_fast.gene import SafetyGene  # noqa: E402
+from safegene_fast.pipeline import apply_merged, extract, resta  # noqa: E402
 
 __all__ = [
+    "SafetyGene",
     "__version__",
+    "apply_merged",
+    "extract",
+    "resta",
     "build_info",
     "delta",
     "delta_out",
