@@ -91,10 +91,9 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
         with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer:
             for name, w in ckpt.iter_tensors([p.name for p in plan]):
-                module = gene.modules.get(name.removesuffix(".weight"))
-                alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if module else 0.0
+                m = gene.modules.get(name.removesuffix(".weight"))
+                alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if m else 0.0
                 if alpha != 0.0:
-                    m = module
                     if tuple(w.shape) != (m.B.shape[0], m.A.shape[1]):
                         raise CheckpointError(f"{model}: tensor {name!r} has shape {list(w.shape)} but the "
                                               f"gene's factors make {[m.B.shape[0], m.A.shape[1]]}.")
