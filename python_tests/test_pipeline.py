@@ -125,3 +125,17 @@ def test_mismatched_checkpoints_are_refused(family, tmp_path):
     with pytest.raises(CheckpointError, match="odd: tensor"):
         resta(paths["target"], paths["aligned"], tmp_path / "odd", 1.0, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+
+def test_nan_in_a_delta_is_refused_by_name(family, tmp_path):
+    paths, models, _ = family
+    poisoned = dict(models["degraded1"])
+    name = "model.layers.1.mlp.down_proj.weight"
+    poisoned[name] = poisoned[name].clone()
+    poisoned[name][2, 3] = float("nan")
+    save(tmp_path / "nan", poisoned)
+    with pytest.raises(CheckpointError, match=f"the delta of tensor '{name}' has NaN or Inf"):
+        extract(paths["aligned"], [tmp_path / "nan"], rank=2)
+    with pytest.raises(CheckpointError, match=f"the delta of tensor '{name}' has NaN or Inf"):
+        resta(paths["target"], paths["aligned"], tmp_path / "nan", 1.0, tmp_path / "never")
+    assert not (tmp_path / "never").exists()

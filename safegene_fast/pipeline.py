@@ -27,6 +27,12 @@ def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | 
             and inc.search(n) and not (exc and exc.search(n))]
 
 
+def _check_finite(delta: torch.Tensor, source, name: str) -> None:
+    """A delta with NaN or Inf would poison every merge made from it: refuse it by name."""
+    if not bool(torch.isfinite(delta).all()):
+        raise CheckpointError(f"{source}: the delta of tensor {name!r} has NaN or Inf.")
+
+
 def _fingerprint(ckpt: Checkpoint) -> str:
     """sha256 of the checkpoint's headers (names, shapes, dtypes, offsets) and index."""
     h = hashlib.sha256()
@@ -56,9 +62,8 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
                 name = items[0][0]
                 a, bs = items[0][1].to(device), [t.to(device) for _, t in items[1:]]
                 delta = ops.delta(a, bs)  # the one fp32 matrix; rsvd takes it without a copy
+                _check_finite(delta, aligned, name)
                 total = float(torch.linalg.vector_norm(delta)) ** 2
-                if not torch.isfinite(torch.tensor(total)):
-                    raise CheckpointError(f"{aligned}: the delta of tensor {name!r} has NaN or Inf.")
                 B, A, S = ops.rsvd_lora(delta, rank=rank, energy=energy, max_rank=max_rank,
                                         oversample=oversample, power_iters=power_iters, seed=seed,
                                         dtype=factor_dtype)
@@ -117,8 +122,7 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
                 if w.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.numel():
                     w = w.to(device)
                     delta = ops.delta(a.to(device), d.to(device))
-                    if not bool(torch.isfinite(delta).all()):
-                        raise CheckpointError(f"{aligned}: the delta of tensor {name!r} has NaN or Inf.")
+                    _check_finite(delta, aligned, name)
                     ops.merge_dense_(w, delta, alpha)
                 writer.write(name, w)
     return Path(out)
