@@ -18,11 +18,12 @@ from safegene_fast.ops import (  # noqa: E402
     rsvd_lora,
 )
 from safegene_fast.gene import SafetyGene  # noqa: E402
-from safegene_fast.pipeline import apply_merged, extract, resta  # noqa: E402
+from safegene_fast.pipeline import apply, apply_merged, extract, resta  # noqa: E402
 
 __all__ = [
     "SafetyGene",
     "__version__",
+    "apply",
     "apply_merged",
     "extract",
     "resta",

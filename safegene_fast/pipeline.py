@@ -90,22 +90,45 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
                  device: str = "cpu", overwrite: bool = False) -> Path:
     """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module."""
     with Checkpoint(model) as ckpt:
-        missing = [m for m in gene.modules if f"{m}.weight" not in ckpt.tensors]
-        if missing:
-            raise CheckpointError(f"{model}: has no tensor {missing[0] + '.weight'!r}, which the gene targets.")
+        _check_gene_fits(model, ckpt, gene)
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
         with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer:
             for name, w in ckpt.iter_tensors([p.name for p in plan]):
                 m = gene.modules.get(name.removesuffix(".weight"))
                 alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if m else 0.0
                 if alpha != 0.0:
-                    if tuple(w.shape) != (m.B.shape[0], m.A.shape[1]):
-                        raise CheckpointError(f"{model}: tensor {name!r} has shape {list(w.shape)} but the "
-                                              f"gene's factors make {[m.B.shape[0], m.A.shape[1]]}.")
                     w = w.to(device)
                     ops.merge_lowrank_(w, m.B.to(device), m.A.to(device), alpha)
                 writer.write(name, w)
     return Path(out)
+
+
+def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: str | os.PathLike,
+          coeffs: dict[str, float] | float = 1.0, *, format: str = "merged", max_shard_size: int = 5 * 10**9,
+          device: str = "cpu", overwrite: bool = False) -> Path:
+    """Re-applies a gene to ``model``: ``merged`` writes the merged checkpoint, ``peft`` writes an
+    adapter for ``model`` with the coefficients folded into B (PEFT's merge equals ``merged``)."""
+    if not isinstance(gene, SafetyGene):
+        gene = SafetyGene.load(gene)
+    if format == "merged":
+        return apply_merged(model, gene, out, coeffs, max_shard_size=max_shard_size, device=device,
+                            overwrite=overwrite)
+    if format != "peft":
+        raise ValueError(f"unknown output format {format!r}; use 'merged' or 'peft'.")
+    with Checkpoint(model) as ckpt:
+        _check_gene_fits(model, ckpt, gene)
+    return gene.save(out, overwrite=overwrite, base_model=str(Path(model).resolve()), coeffs=coeffs)
+
+
+def _check_gene_fits(model, ckpt: Checkpoint, gene: SafetyGene) -> None:
+    """Every gene module names a weight of ``model`` with the factors' shape."""
+    for m, g in gene.modules.items():
+        info = ckpt.tensors.get(f"{m}.weight")
+        if info is None:
+            raise CheckpointError(f"{model}: has no tensor {m + '.weight'!r}, which the gene targets.")
+        if info.shape != (g.B.shape[0], g.A.shape[1]):
+            raise CheckpointError(f"{model}: tensor {m + '.weight'!r} has shape {list(info.shape)} but the "
+                                  f"gene's factors make {[g.B.shape[0], g.A.shape[1]]}.")
 
 
 def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | os.PathLike,
