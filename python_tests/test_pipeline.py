@@ -134,8 +134,22 @@ def test_nan_in_a_delta_is_refused_by_name(family, tmp_path):
     poisoned[name] = poisoned[name].clone()
     poisoned[name][2, 3] = float("nan")
     save(tmp_path / "nan", poisoned)
-    with pytest.raises(CheckpointError, match=f"the delta of tensor '{name}' has NaN or Inf"):
+    message = f"the delta of tensor '{name}' has 1 NaN or Inf values"
+    with pytest.raises(CheckpointError, match=message):
         extract(paths["aligned"], [tmp_path / "nan"], rank=2)
-    with pytest.raises(CheckpointError, match=f"the delta of tensor '{name}' has NaN or Inf"):
+    with pytest.raises(CheckpointError, match=message):
         resta(paths["target"], paths["aligned"], tmp_path / "nan", 1.0, tmp_path / "never")
     assert not (tmp_path / "never").exists()
+
+    # Allowed, the bad entry's delta counts as 0: the merged weight keeps the target's value there.
+    with pytest.warns(UserWarning, match=f"zeroed 1 NaN or Inf values in the delta of tensor '{name}'"):
+        gene = extract(paths["aligned"], [tmp_path / "nan"], rank=2, allow_nonfinite=True)
+    assert gene.provenance["nonfinite_zeroed"] == 1
+    assert all(bool(torch.isfinite(m.B).all() and torch.isfinite(m.A).all()) for m in gene.modules.values())
+    with pytest.warns(UserWarning, match="zeroed 1 NaN"):
+        resta(paths["target"], paths["aligned"], tmp_path / "nan", 1.0, tmp_path / "out", allow_nonfinite=True)
+    with Checkpoint(tmp_path / "out") as c:
+        merged = c.read(name)
+    t, a, d = models["target"][name], models["aligned"][name], poisoned[name]
+    expected = (t.float() + (a.float() - d.float()).nan_to_num(0.0)).to(t.dtype)  # the fp32 op order
+    assert_bits_equal(merged, expected)

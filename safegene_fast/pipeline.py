@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import warnings
+from contextlib import ExitStack
 from pathlib import Path
 
 import torch
@@ -13,6 +15,7 @@ import safegene_fast
 from safegene_fast import ops
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
 from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
+from safegene_fast.progress import Progress
 
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
 # projections); embeddings, the LM head and norms are outside this pattern or 1-D.
@@ -27,10 +30,18 @@ def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | 
             and inc.search(n) and not (exc and exc.search(n))]
 
 
-def _check_finite(delta: torch.Tensor, source, name: str) -> None:
-    """A delta with NaN or Inf would poison every merge made from it: refuse it by name."""
-    if not bool(torch.isfinite(delta).all()):
-        raise CheckpointError(f"{source}: the delta of tensor {name!r} has NaN or Inf.")
+def _check_finite(delta: torch.Tensor, source, name: str, allow: bool) -> int:
+    """A delta with NaN or Inf would poison every merge made from it: refuse it by name, or with
+    ``allow`` zero those entries (the merged weight keeps the target's value there) and warn."""
+    bad = int((~torch.isfinite(delta)).sum())
+    if bad and not allow:
+        raise CheckpointError(f"{source}: the delta of tensor {name!r} has {bad} NaN or Inf values "
+                              f"(pass --allow-nonfinite to zero them).")
+    if bad:
+        torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
+        warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.",
+                      stacklevel=3)
+    return bad
 
 
 def _fingerprint(ckpt: Checkpoint) -> str:
@@ -45,24 +56,27 @@ def _fingerprint(ckpt: Checkpoint) -> str:
 def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, rank: int | None = None,
             energy: float | None = None, max_rank: int | None = None, oversample: int = 8,
             power_iters: int = 2, seed: int = 0, include: str | None = None, exclude: str | None = None,
-            device: str = "cpu", factor_dtype: torch.dtype = torch.float32) -> SafetyGene:
+            device: str = "cpu", factor_dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False,
+            progress: bool = False) -> SafetyGene:
     """The safety gene of ``aligned - mean(degraded)``: LoRA factors per selected module."""
     if not degraded:
         raise CheckpointError("extract needs at least one degraded checkpoint.")
-    with Checkpoint(aligned) as a_ckpt:
-        d_ckpts = [Checkpoint(p) for p in degraded]
-        try:
-            check_same_layout(a_ckpt, *d_ckpts)
-            names = select_modules(a_ckpt, include, exclude)
-            if not names:
-                raise CheckpointError(f"{aligned}: no tensor matches the module selection.")
-            modules = {}
-            readers = [a_ckpt.iter_tensors(names)] + [c.iter_tensors(names) for c in d_ckpts]
+    with ExitStack() as stack:
+        a_ckpt = stack.enter_context(Checkpoint(aligned))
+        d_ckpts = [stack.enter_context(Checkpoint(p)) for p in degraded]
+        check_same_layout(a_ckpt, *d_ckpts)
+        names = select_modules(a_ckpt, include, exclude)
+        if not names:
+            raise CheckpointError(f"{aligned}: no tensor matches the module selection.")
+        modules, nonfinite = {}, 0
+        readers = [c.iter_tensors(names) for c in (a_ckpt, *d_ckpts)]
+        total_bytes = sum(a_ckpt.tensors[n].nbytes for n in names)
+        with Progress("extract", total_bytes, len(names), progress) as bar:
             for items in zip(*readers):
                 name = items[0][0]
                 a, bs = items[0][1].to(device), [t.to(device) for _, t in items[1:]]
                 delta = ops.delta(a, bs)  # the one fp32 matrix; rsvd takes it without a copy
-                _check_finite(delta, aligned, name)
+                nonfinite += _check_finite(delta, aligned, name, allow_nonfinite)
                 total = float(torch.linalg.vector_norm(delta)) ** 2
                 B, A, S = ops.rsvd_lora(delta, rank=rank, energy=energy, max_rank=max_rank,
                                         oversample=oversample, power_iters=power_iters, seed=seed,
@@ -70,16 +84,15 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
                 kept = float(S.double().square().sum()) / total if total > 0 else 1.0
                 module = name.removesuffix(".weight")
                 modules[module] = GeneModule(B.cpu(), A.cpu(), S.cpu(), kept, layer_of(module))
-        finally:
-            for c in d_ckpts:
-                c.close()
+                bar.advance(a_ckpt.tensors[name].nbytes)
         provenance = {
             "aligned": str(aligned), "degraded": [str(p) for p in degraded],
             "sha256": {str(aligned): _fingerprint(a_ckpt),
                        **{str(p): _fingerprint(c) for p, c in zip(degraded, d_ckpts)}},
             "settings": {"rank": rank, "energy": energy, "max_rank": max_rank, "oversample": oversample,
                          "power_iters": power_iters, "seed": seed, "include": include or DEFAULT_INCLUDE,
-                         "exclude": exclude},
+                         "exclude": exclude, "allow_nonfinite": allow_nonfinite},
+            "nonfinite_zeroed": nonfinite,
             "safegene_fast": safegene_fast.__version__,
         }
     return SafetyGene(modules, provenance)
@@ -87,12 +100,13 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
 
 def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
                  coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = 5 * 10**9,
-                 device: str = "cpu", overwrite: bool = False) -> Path:
+                 device: str = "cpu", overwrite: bool = False, progress: bool = False) -> Path:
     """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module."""
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
-        with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer:
+        with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer, \
+                Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             for name, w in ckpt.iter_tensors([p.name for p in plan]):
                 m = gene.modules.get(name.removesuffix(".weight"))
                 alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if m else 0.0
@@ -100,19 +114,20 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
                     w = w.to(device)
                     ops.merge_lowrank_(w, m.B.to(device), m.A.to(device), alpha)
                 writer.write(name, w)
+                bar.advance(ckpt.tensors[name].nbytes)
     return Path(out)
 
 
 def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: str | os.PathLike,
           coeffs: dict[str, float] | float = 1.0, *, format: str = "merged", max_shard_size: int = 5 * 10**9,
-          device: str = "cpu", overwrite: bool = False) -> Path:
+          device: str = "cpu", overwrite: bool = False, progress: bool = False) -> Path:
     """Re-applies a gene to ``model``: ``merged`` writes the merged checkpoint, ``peft`` writes an
     adapter for ``model`` with the coefficients folded into B (PEFT's merge equals ``merged``)."""
     if not isinstance(gene, SafetyGene):
         gene = SafetyGene.load(gene)
     if format == "merged":
         return apply_merged(model, gene, out, coeffs, max_shard_size=max_shard_size, device=device,
-                            overwrite=overwrite)
+                            overwrite=overwrite, progress=progress)
     if format != "peft":
         raise ValueError(f"unknown output format {format!r}; use 'merged' or 'peft'.")
     with Checkpoint(model) as ckpt:
@@ -133,19 +148,22 @@ def _check_gene_fits(model, ckpt: Checkpoint, gene: SafetyGene) -> None:
 
 def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | os.PathLike,
           alpha: float, out: str | os.PathLike, *, max_shard_size: int = 5 * 10**9,
-          device: str = "cpu", overwrite: bool = False) -> Path:
+          device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
+          progress: bool = False) -> Path:
     """The dense RESTA baseline: every floating tensor becomes ``T + alpha * (A - D)``."""
     with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt:
         check_same_layout(t_ckpt, a_ckpt, d_ckpt)
         plan = [Planned(n, i.dtype, i.shape) for n, i in t_ckpt.tensors.items()]
         names = [p.name for p in plan]
-        with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer:
+        with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer, \
+                Progress("resta", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             for (name, w), (_, a), (_, d) in zip(t_ckpt.iter_tensors(names), a_ckpt.iter_tensors(names),
                                                  d_ckpt.iter_tensors(names)):
                 if w.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.numel():
                     w = w.to(device)
                     delta = ops.delta(a.to(device), d.to(device))
-                    _check_finite(delta, aligned, name)
+                    _check_finite(delta, aligned, name, allow_nonfinite)
                     ops.merge_dense_(w, delta, alpha)
                 writer.write(name, w)
+                bar.advance(t_ckpt.tensors[name].nbytes)
     return Path(out)
