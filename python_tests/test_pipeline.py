@@ -7,6 +7,7 @@ import torch
 
 from safegene_fast.gene import SafetyGene
 from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter
+from safegene_fast import pipeline
 from safegene_fast.pipeline import apply_merged, extract, resta, select_modules
 
 from conftest import assert_bits_equal, ulp
@@ -106,8 +107,11 @@ def test_apply_merged_matches_float64_reference(family, tmp_path):
             assert ((got.double() - exact).abs() <= allowed).all(), name
 
 
-def test_resta_is_bit_exact(family, tmp_path):
+@pytest.mark.parametrize("chunk", [None, 37])  # 37: many chunks with a ragged last one
+def test_resta_is_bit_exact(family, tmp_path, monkeypatch, chunk):
     paths, models, _ = family
+    if chunk:
+        monkeypatch.setattr(pipeline, "RESTA_CHUNK", chunk)
     out = resta(paths["target"], paths["aligned"], paths["degraded1"], 0.7, tmp_path / "resta")
     with Checkpoint(out) as merged:
         for name, t in models["target"].items():

@@ -20,6 +20,7 @@ from safegene_fast.progress import Progress
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
 # projections); embeddings, the LM head and norms are outside this pattern or 1-D.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
+RESTA_CHUNK = 4 * 2**20  # elements of fp32 delta resta holds at a time (16 MiB)
 
 
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
@@ -30,17 +31,19 @@ def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | 
             and inc.search(n) and not (exc and exc.search(n))]
 
 
-def _check_finite(delta: torch.Tensor, source, name: str, allow: bool) -> int:
-    """A delta with NaN or Inf would poison every merge made from it: refuse it by name, or with
-    ``allow`` zero those entries (the merged weight keeps the target's value there) and warn."""
+def _check_finite(delta: torch.Tensor, inputs: list[tuple[object, torch.Tensor]], name: str, allow: bool) -> int:
+    """A delta with NaN or Inf would poison every merge made from it: refuse it, naming the tensor
+    and the input file that holds the bad values, or with ``allow`` zero those entries (the merged
+    weight keeps the target's value there) and warn."""
     bad = int((~torch.isfinite(delta)).sum())
-    if bad and not allow:
+    if not bad:
+        return 0
+    source = next((path for path, t in inputs if not bool(torch.isfinite(t).all())), inputs[0][0])
+    if not allow:
         raise CheckpointError(f"{source}: the delta of tensor {name!r} has {bad} NaN or Inf values "
                               f"(pass --allow-nonfinite to zero them).")
-    if bad:
-        torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
-        warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.",
-                      stacklevel=3)
+    torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
+    warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.", stacklevel=3)
     return bad
 
 
@@ -76,7 +79,8 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
                 name = items[0][0]
                 a, bs = items[0][1].to(device), [t.to(device) for _, t in items[1:]]
                 delta = ops.delta(a, bs)  # the one fp32 matrix; rsvd takes it without a copy
-                nonfinite += _check_finite(delta, aligned, name, allow_nonfinite)
+                nonfinite += _check_finite(delta, list(zip([aligned, *degraded], [a, *bs])), name,
+                                           allow_nonfinite)
                 total = float(torch.linalg.vector_norm(delta)) ** 2
                 B, A, S = ops.rsvd_lora(delta, rank=rank, energy=energy, max_rank=max_rank,
                                         oversample=oversample, power_iters=power_iters, seed=seed,
@@ -160,10 +164,16 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
             for (name, w), (_, a), (_, d) in zip(t_ckpt.iter_tensors(names), a_ckpt.iter_tensors(names),
                                                  d_ckpt.iter_tensors(names)):
                 if w.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.numel():
-                    w = w.to(device)
-                    delta = ops.delta(a.to(device), d.to(device))
-                    _check_finite(delta, aligned, name, allow_nonfinite)
-                    ops.merge_dense_(w, delta, alpha)
+                    w, a, d = (t.to(device).view(-1) for t in (w, a, d))
+                    # In chunks, so the fp32 delta never costs more than RESTA_CHUNK elements.
+                    buf = torch.empty(min(w.numel(), RESTA_CHUNK), dtype=torch.float32, device=device)
+                    for lo in range(0, w.numel(), RESTA_CHUNK):
+                        hi = min(lo + RESTA_CHUNK, w.numel())
+                        delta = buf[:hi - lo]
+                        ops.delta_out(a[lo:hi], d[lo:hi], delta)
+                        _check_finite(delta, [(aligned, a[lo:hi]), (degraded, d[lo:hi])], name, allow_nonfinite)
+                        ops.merge_dense_(w[lo:hi], delta, alpha)
+                    w = w.view(t_ckpt.tensors[name].shape)
                 writer.write(name, w)
                 bar.advance(t_ckpt.tensors[name].nbytes)
     return Path(out)

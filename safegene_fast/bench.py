@@ -1,0 +1,169 @@
+"""``safegene bench``: extract / apply / resta throughput and peak RSS next to the copy floor.
+
+Each stage runs as its own ``safegene ... --json`` process, so its peak RSS (from ``wait4``) is
+its own and its time is the command's own measurement (without interpreter start-up). The copy
+floor is a plain streaming copy of the target's files (large reads, one write each, fsync): the
+time any streaming merge of the same bytes must at least pay. All stages read the same files, so
+they see the same page cache.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from safegene_fast.gene import layer_of
+from safegene_fast.io import Checkpoint
+
+COPY_CHUNK = 64 * 2**20
+
+
+def run_child(cmd: list[str]) -> tuple[int, str, str, float]:
+    """Runs ``cmd``; returns its exit code, stdout, stderr and peak RSS in MB (from wait4)."""
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
+        out.seek(0), err.seek(0)
+        return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024
+
+
+def run_stage(args: list[str]) -> dict:
+    """Runs ``safegene <args> --json --quiet`` in a child; returns its summary with the child's
+    peak RSS."""
+    code, stdout, stderr, rss = run_child([sys.executable, "-m", "safegene_fast", *args, "--json", "--quiet"])
+    if code:
+        last = (stderr.strip().splitlines() or ["no message"])[-1]
+        raise RuntimeError(f"bench stage 'safegene {args[0]}' failed: {last}")
+    result = json.loads(stdout.strip().splitlines()[-1])
+    result["peak_rss_mb"] = round(rss, 1)
+    result["command_line"] = " ".join(["safegene", *args])
+    return result
+
+
+def import_floor_rss_mb() -> float:
+    """Peak RSS of a process that only imports safegene_fast (and torch): the part of every
+    stage's RSS that is not streaming."""
+    return run_child([sys.executable, "-c", "import safegene_fast"])[3]
+
+
+def copy_floor(model: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Copies the checkpoint's safetensors files with large reads and writes, fsynced."""
+    with Checkpoint(model) as ckpt:
+        files = sorted({info.file for info in ckpt.tensors.values()})
+    out = Path(out)
+    out.mkdir(parents=True)
+    buf = bytearray(COPY_CHUNK)
+    view = memoryview(buf)
+    nbytes = 0
+    start = time.perf_counter()
+    for src in files:
+        with open(src, "rb", buffering=0) as fin, open(out / src.name, "wb", buffering=0) as fout:
+            while got := fin.readinto(buf):
+                fout.write(view[:got])
+                nbytes += got
+            os.fsync(fout.fileno())
+    seconds = time.perf_counter() - start
+    return {"command": "copy", "seconds": round(seconds, 4), "bytes": nbytes,
+            "gb_per_s": round(nbytes / seconds / 1e9, 4), "peak_rss_mb": None}
+
+
+def projection_scale(model: str | os.PathLike, full_layers: int) -> tuple[float, float]:
+    """Factors from this checkpoint's time to the full model's, for a pass over every tensor and
+    for a pass over the layers only (extract): layer bytes scale with the layer count."""
+    with Checkpoint(model) as ckpt:
+        layers = {layer_of(n) for n in ckpt.tensors} - {None}
+        layer_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if layer_of(n) is not None)
+        other = sum(i.nbytes for n, i in ckpt.tensors.items() if layer_of(n) is None)
+    per_layer = full_layers / max(len(layers), 1)
+    return (other + layer_bytes * per_layer) / (other + layer_bytes), per_layer
+
+
+def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=None, work=None,
+              rank: int = 16, alpha: float = 1.0, device: str = "cpu", keep: bool = False,
+              progress: bool = True) -> dict:
+    """Times the stages; see the module docstring. Returns the results as a dict."""
+    def say(text: str) -> None:
+        if progress:
+            print(f"bench: {text}", file=sys.stderr, flush=True)
+
+    result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device, "threads": torch.get_num_threads(),
+              "cpu_count": os.cpu_count(), "torch": torch.__version__, "rank": rank, "alpha": alpha}
+    full_layers = None
+    if synthetic is not None:
+        from safegene_fast.synthetic import default_root, resolve_shape, write_family
+        name, shape = resolve_shape(synthetic)
+        say(f"generating (or reusing) the {name} family in {default_root(name)}")
+        paths = write_family(default_root(name), name, progress=progress)
+        model, aligned, degraded = paths["target"], paths["aligned"], paths["degraded"]
+        full_layers = shape.full_layers
+        result["synthetic"] = name
+    result.update(model=str(model), aligned=aligned and str(aligned), degraded=degraded and str(degraded))
+
+    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="safegene-bench-"))
+    work.mkdir(parents=True, exist_ok=True)
+    stages = []
+    try:
+        say("copy floor")
+        stages.append(copy_floor(model, work / "copy"))
+        shutil.rmtree(work / "copy")
+        common = ["--device", device]
+        if aligned and degraded:
+            say("extract")
+            gene_out = work / "gene"
+            stages.append(run_stage(["extract", "--aligned", str(aligned), "--degraded", str(degraded),
+                                     "--out", str(gene_out), "--rank", str(rank), "--overwrite", *common]))
+            gene = gene or gene_out
+        say("apply (merged)")
+        stages.append(run_stage(["apply", "--model", str(model), "--gene", str(gene), "--alpha", str(alpha),
+                                 "--out", str(work / "applied"), "--overwrite", *common]))
+        if not keep:
+            shutil.rmtree(work / "applied")
+        if aligned and degraded:
+            say("resta")
+            stages.append(run_stage(["resta", "--model", str(model), "--aligned", str(aligned),
+                                     "--degraded", str(degraded), "--alpha", str(alpha),
+                                     "--out", str(work / "resta"), "--overwrite", *common]))
+    finally:
+        if not keep:
+            shutil.rmtree(work, ignore_errors=True)
+    copy_rate = stages[0]["gb_per_s"]
+    for s in stages:
+        s["vs_copy"] = round(s["gb_per_s"] / copy_rate, 3)
+    if full_layers is not None:
+        whole, per_layer = projection_scale(model, full_layers)
+        result["full_layers"] = full_layers
+        for s in stages:
+            s["projected_full_s"] = round(s["seconds"] * (per_layer if s["command"] == "extract" else whole), 1)
+    result["import_floor_rss_mb"] = round(import_floor_rss_mb(), 1)
+    result["stages"] = stages
+    return result
+
+
+def format_table(result: dict) -> str:
+    """The results as an aligned text table."""
+    projected = "full_layers" in result
+    head = ["stage", "seconds", "GB", "GB/s", "vs copy", "peak RSS MB"] + (
+        [f"projected s ({result['full_layers']} layers)"] if projected else [])
+    rows = []
+    for s in result["stages"]:
+        row = [s["command"], f"{s['seconds']:.2f}", f"{s['bytes'] / 1e9:.2f}", f"{s['gb_per_s']:.2f}",
+               f"{s['vs_copy']:.2f}", "-" if s["peak_rss_mb"] is None else f"{s['peak_rss_mb']:.0f}"]
+        rows.append(row + ([f"{s['projected_full_s']:.0f}"] if projected else []))
+    widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+    lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+             for r in [head, *rows]]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    what = result.get("synthetic") or result["model"]
+    notes = [f"{what} on {result['device']}, {result['threads']} threads, rank {result['rank']}; "
+             f"extract GB = aligned weights factored, others = the model's tensors; "
+             f"a process that only imports safegene_fast peaks at {result['import_floor_rss_mb']:.0f} MB RSS."]
+    return "\n".join(lines + notes)
