@@ -4,6 +4,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
+#include <ATen/Parallel.h>
 
 #include <algorithm>
 
@@ -16,9 +17,14 @@ constexpr int64_t kLowrankWorkspaceBytes = int64_t(4) << 20;
 
 // w: (out, in) modified in place; B: (out, r); A: (r, in).
 // merge_dense(w_rows, d_rows, alpha) is the backend's merge_dense_ kernel.
+// threads > 1 (CPU): the row blocks are spread over that many threads in ONE parallel region,
+// each thread with its own workspace, running single-threaded GEMMs and epilogues. A parallel
+// region per block would wait at every barrier for a thread that lost its core (to the
+// checkpoint read-ahead thread, say): measured 48x slower on 2 busy cores. threads == 1 (CUDA):
+// blocks are queued in order on the stream.
 template <class MergeDense>
 void merge_lowrank_impl(const at::Tensor& w, const at::Tensor& B, const at::Tensor& A,
-                        double alpha, MergeDense merge_dense) {
+                        double alpha, MergeDense merge_dense, int64_t threads) {
   const char* op = "merge_lowrank_";
   check_float(w, op, "w");
   check_contiguous(w, op, "w");
@@ -37,13 +43,23 @@ void merge_lowrank_impl(const at::Tensor& w, const at::Tensor& B, const at::Tens
   // The factors are small (r columns / r rows): one fp32 copy each for the GEMM.
   const at::Tensor b32 = B.to(at::kFloat).contiguous();
   const at::Tensor a32 = A.to(at::kFloat).contiguous();
-  const int64_t block = std::clamp<int64_t>(kLowrankWorkspaceBytes / (cols * 4), 1, rows);
-  at::Tensor workspace = at::empty({block, cols}, w.options().dtype(at::kFloat));
-  for (int64_t r0 = 0; r0 < rows; r0 += block) {
-    const int64_t n = std::min(block, rows - r0);
-    at::Tensor product = workspace.narrow(0, 0, n);
-    at::mm_out(product, b32.narrow(0, r0, n), a32);
-    merge_dense(w.narrow(0, r0, n), product, alpha);
+  // At most a workspace of rows per block, and at least one block per thread.
+  const int64_t per_thread = (rows + threads - 1) / threads;
+  const int64_t block = std::clamp<int64_t>(kLowrankWorkspaceBytes / (cols * 4), 1, per_thread);
+  const int64_t blocks = (rows + block - 1) / block;
+  auto run = [&](int64_t first, int64_t last) {  // blocks [first, last)
+    at::Tensor workspace = at::empty({block, cols}, w.options().dtype(at::kFloat));
+    for (int64_t b = first; b < last; ++b) {
+      const int64_t r0 = b * block, n = std::min(block, rows - r0);
+      at::Tensor product = workspace.narrow(0, 0, n);
+      at::mm_out(product, b32.narrow(0, r0, n), a32);
+      merge_dense(w.narrow(0, r0, n), product, alpha);
+    }
+  };
+  if (threads > 1) {
+    at::parallel_for(0, blocks, 1, run);
+  } else {
+    run(0, blocks);
   }
 }
 

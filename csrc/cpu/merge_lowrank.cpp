@@ -1,4 +1,5 @@
 // merge_lowrank_ on CPU: the shared row-block driver with the CPU merge_dense_ epilogue.
+#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include "common/merge_lowrank.h"
@@ -9,7 +10,7 @@ namespace {
 
 void merge_lowrank_cpu_(const at::Tensor& w, const at::Tensor& B, const at::Tensor& A,
                         double alpha) {
-  merge_lowrank_impl(w, B, A, alpha, &merge_dense_cpu_);
+  merge_lowrank_impl(w, B, A, alpha, &merge_dense_cpu_, at::get_num_threads());
 }
 
 }  // namespace

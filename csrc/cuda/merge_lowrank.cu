@@ -12,7 +12,7 @@ namespace {
 void merge_lowrank_cuda_(const at::Tensor& w, const at::Tensor& B, const at::Tensor& A,
                          double alpha) {
   const c10::cuda::CUDAGuard guard(w.device());
-  merge_lowrank_impl(w, B, A, alpha, &merge_dense_cuda_);
+  merge_lowrank_impl(w, B, A, alpha, &merge_dense_cuda_, /*threads=*/1);
 }
 
 }  // namespace
