@@ -98,10 +98,15 @@ def test_apply_peft_format_writes_adapter(family, gene, capsys, tmp_path):
                       "--format", "peft", "--out", str(tmp_path / "adapter")])
     config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert config["peft_type"] == "LORA" and len(config["target_modules"]) == 14
-    folded = sg.SafetyGene.load(tmp_path / "adapter")
+    with pytest.raises(ValueError, match="adapter with coefficients folded in"):
+        sg.SafetyGene.load(tmp_path / "adapter")
+    folded = sg.SafetyGene.load(tmp_path / "adapter", allow_folded=True)
     plain = sg.SafetyGene.load(gene)
     for name, m in plain.modules.items():
         assert torch.equal(folded.modules[name].B, m.B * 0.5)
+    line = error_of(capsys, ["apply", "--model", str(family["target"]), "--gene", str(tmp_path / "adapter"),
+                             "--out", str(tmp_path / "twice")])
+    assert "adapter with coefficients folded in" in line
 
 
 def test_resta_cli_equals_api(family, capsys, tmp_path):

@@ -41,6 +41,11 @@ class GeneModule:
     def rank(self) -> int:
         return self.A.shape[0]
 
+    def scaled_B(self, alpha: float) -> torch.Tensor:
+        """alpha * B in B's dtype: the B of a PEFT adapter with the coefficient folded in. The
+        merged output uses the same product, so PEFT's merge_and_unload equals it bit for bit."""
+        return (self.B * alpha).to(self.B.dtype)
+
 
 @dataclass
 class SafetyGene:
@@ -69,7 +74,7 @@ class SafetyGene:
             for name, m in self.modules.items():
                 alpha = self.coefficient_for(name, coeffs)
                 tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.contiguous()
-                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = (m.B * alpha).to(m.B.dtype).contiguous()
+                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.scaled_B(alpha).contiguous()
                 ranks[name] = m.rank
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
             default_r = max(ranks.values(), default=1)
@@ -95,14 +100,19 @@ class SafetyGene:
         return folder
 
     @classmethod
-    def load(cls, folder: str | os.PathLike) -> SafetyGene:
-        """Reads a gene saved by ``save`` (with coefficient 1 folded in) back, factor for factor."""
+    def load(cls, folder: str | os.PathLike, allow_folded: bool = False) -> SafetyGene:
+        """Reads a gene saved by ``save`` back, factor for factor. An adapter written with
+        coefficients other than 1 folded into B (``apply --format peft``) is refused unless
+        ``allow_folded``: used as a gene, its coefficients would be applied twice."""
         folder = Path(folder)
         try:
             meta = json.loads((folder / "safegene.json").read_text())
             tensors = load_file(str(folder / "adapter_model.safetensors"))
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{folder}: not a safety gene folder ({exc}).") from None
+        if meta.get("coefficients_folded", 1.0) != 1.0 and not allow_folded:
+            raise CheckpointError(f"{folder}: is an adapter with coefficients folded in (apply --format "
+                                  f"peft), not a gene; use the folder extract wrote.")
         modules = {}
         for name, info in meta["modules"].items():
             try:

@@ -116,7 +116,7 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
                 alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if m else 0.0
                 if alpha != 0.0:
                     w = w.to(device)
-                    ops.merge_lowrank_(w, m.B.to(device), m.A.to(device), alpha)
+                    ops.merge_lowrank_(w, m.scaled_B(alpha).to(device), m.A.to(device), 1.0)
                 writer.write(name, w)
                 bar.advance(ckpt.tensors[name].nbytes)
     return Path(out)
