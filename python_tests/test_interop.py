@@ -22,7 +22,6 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import safegene_fast
-from safegene_fast import ops
 from safegene_fast.io import CheckpointError
 
 from conftest import ulp
