@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 import re
 import warnings
@@ -31,12 +32,21 @@ def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | 
             and inc.search(n) and not (exc and exc.search(n))]
 
 
+def squared_frobenius(delta: torch.Tensor) -> float:
+    """||delta||_F^2 from per-row fp32 norms summed in double: one fp32 reduction over a 28672 x
+    8192 matrix came out 7% low (accumulated rounding); a row of a few thousand terms does not."""
+    rows = delta.view(delta.shape[0], -1) if delta.dim() > 1 else delta.view(1, -1)
+    return float(torch.linalg.vector_norm(rows, dim=1).double().square().sum())
+
+
 def _check_finite(delta: torch.Tensor, inputs: list[tuple[object, torch.Tensor]], name: str, allow: bool) -> int:
     """A delta with NaN or Inf would poison every merge made from it: refuse it, naming the tensor
     and the input file that holds the bad values, or with ``allow`` zero those entries (the merged
     weight keeps the target's value there) and warn."""
+    if math.isfinite(squared_frobenius(delta)):  # one cheap pass; isfinite() costs 2 bytes/element
+        return 0
     bad = int((~torch.isfinite(delta)).sum())
-    if not bad:
+    if not bad:  # finite values whose squares overflow
         return 0
     source = next((path for path, t in inputs if not bool(torch.isfinite(t).all())), inputs[0][0])
     if not allow:
@@ -81,7 +91,7 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
                 delta = ops.delta(a, bs)  # the one fp32 matrix; rsvd takes it without a copy
                 nonfinite += _check_finite(delta, list(zip([aligned, *degraded], [a, *bs])), name,
                                            allow_nonfinite)
-                total = float(torch.linalg.vector_norm(delta)) ** 2
+                total = squared_frobenius(delta)
                 B, A, S = ops.rsvd_lora(delta, rank=rank, energy=energy, max_rank=max_rank,
                                         oversample=oversample, power_iters=power_iters, seed=seed,
                                         dtype=factor_dtype)
