@@ -48,24 +48,22 @@ def parse_size(text: str) -> int:
     return size
 
 
-def finite_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"must be finite: {text!r}")
-    return value
+def number_type(convert, valid, requirement: str):
+    """An argparse type: ``convert`` the text, then require ``valid`` of the value."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if convert is int else 'a number'}: "
+                                             f"{text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{requirement}: {text!r}")
+        return value
+    return parse
 
 
-def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
-    return value
+finite_float = number_type(float, math.isfinite, "must be finite")
+positive_int = number_type(int, lambda v: v > 0, "must be positive")
 
 
 def load_coeffs(path: str) -> dict[str, float]:
