@@ -44,8 +44,9 @@ def raw_file(path: Path, header: dict, data: bytes, header_len: int | None = Non
     return path
 
 
+@pytest.mark.parametrize("reuse_buffers", [False, True])
 @pytest.mark.parametrize("layout", ["single", "sharded"])
-def test_reads_every_tensor_exactly(tmp_path, layout):
+def test_reads_every_tensor_exactly(tmp_path, layout, reuse_buffers):
     ts = tensors()
     if layout == "single":
         save_file(ts, str(tmp_path / "model.safetensors"))
@@ -53,8 +54,24 @@ def test_reads_every_tensor_exactly(tmp_path, layout):
         write_sharded(tmp_path, ts)
     with Checkpoint(tmp_path) as ckpt:
         assert sorted(ckpt.names) == sorted(ts)
-        for name, t in ckpt.iter_tensors(sorted(ts)):
+        previous = None
+        for name, t in ckpt.iter_tensors(sorted(ts), reuse_buffers=reuse_buffers):
             assert t.dtype == ts[name].dtype and torch.equal(t, ts[name])
+            if previous is not None and not reuse_buffers:  # fresh memory: earlier tensors stay valid
+                assert torch.equal(previous[1], ts[previous[0]])
+            previous = name, t
+
+
+def test_reused_buffers_grow_and_take_turns(tmp_path):
+    """Sizes that go up and down: each tensor is read whole into a buffer big enough for it."""
+    ts = {f"t{i}": torch.randn(size) for i, size in enumerate([5, 300, 7, 1000, 1000, 2, 999])}
+    save_file(ts, str(tmp_path / "model.safetensors"))
+    with Checkpoint(tmp_path) as ckpt:
+        storages = []
+        for name, t in ckpt.iter_tensors(list(ts), reuse_buffers=True):
+            assert torch.equal(t, ts[name])
+            storages.append(t.untyped_storage().data_ptr())
+    assert len(set(storages)) < len(ts)  # buffers were reused
 
 
 def test_validation_errors_name_the_file_and_tensor(tmp_path):
@@ -218,7 +235,7 @@ def test_streaming_read_and_write_keep_memory_bounded(tmp_path):
             writer.write(name, torch.ones(shape, dtype=torch.bfloat16))
     with peak_rss_growth() as grown, Checkpoint(src) as ckpt:
         with ShardedWriter(tmp_path / "copy", plan, max_shard_size=100 * 2**20) as writer:
-            for name, tensor in ckpt.iter_tensors(names):
+            for name, tensor in ckpt.iter_tensors(names, reuse_buffers=True):
                 writer.write(name, tensor)
     print(f"peak RSS growth {grown.mib:.0f} MiB")
     assert grown.mib < 4 * 32 + 16, f"peak RSS grew by {grown.mib:.0f} MiB for 256 MiB of data"
