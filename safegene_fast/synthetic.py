@@ -151,6 +151,8 @@ class LlamaShape:
 SHAPES: dict[str, LlamaShape] = {
     # Llama-2-7B, 2 of its 32 layers.
     "llama-7b-2layers": LlamaShape(4096, 11008, 32, 32, 32000, 2, 32),
+    # Llama-2-7B, 1 layer: the same matrices, half the work (for slow peers, e.g. full-SVD extraction).
+    "llama-7b-1layer": LlamaShape(4096, 11008, 32, 32, 32000, 1, 32),
     # Llama-2-70B (grouped-query attention, 8 kv heads), 2 of its 80 layers.
     "llama-70b-2layers": LlamaShape(8192, 28672, 64, 8, 32000, 2, 80),
     # Small, for tests and CI smoke runs.
