@@ -214,7 +214,7 @@ def test_parse_size():
 
 def test_bench_synthetic_runs_every_stage(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEGENE_CACHE", str(tmp_path / "cache"))
-    assert main(["bench", "--synthetic", "llama-tiny", "--json", "--quiet", "--rank", "4"]) == 0
+    assert main(["bench", "--synthetic", "llama-tiny", "--json", "--quiet", "--rank", "4", "--repeat", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stages = {s["command"]: s for s in result["stages"]}
     assert list(stages) == ["copy", "extract", "apply", "resta"]

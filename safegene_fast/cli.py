@@ -172,7 +172,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--aligned and --degraded go together.")
     result = run_bench(model=args.model, gene=args.gene, aligned=args.aligned, degraded=args.degraded,
                        synthetic=args.synthetic, work=args.work, rank=args.rank, alpha=args.alpha,
-                       device=args.device, keep=args.keep, progress=not args.quiet)
+                       device=args.device, keep=args.keep, repeat=args.repeat, progress=not args.quiet)
     if args.json:
         print(json.dumps(result))
     else:
@@ -304,7 +304,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=positive_int, default=16, help="gene rank (default 16)")
     p.add_argument("--alpha", type=finite_float, default=1.0, help="coefficient for apply and resta (default 1)")
     p.add_argument("--work", metavar="DIR", help="folder for outputs (default: a temporary folder)")
-    p.add_argument("--keep", action="store_true", help="keep the outputs")
+    p.add_argument("--repeat", type=positive_int, default=3, help="rounds of stages; the median is reported (default 3)")
+    p.add_argument("--keep", action="store_true", help="keep the outputs (of the last round)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the kernels run")
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
