@@ -27,14 +27,32 @@ from safegene_fast.io import Checkpoint
 COPY_CHUNK = 64 * 2**20
 
 
+# A child's ru_maxrss starts at its parent's peak (Linux carries it across fork/vfork + exec), so
+# a command started straight from a big process (pytest, a benchmark that generated models)
+# would report at least that process's peak. It is started by this small launcher instead, and
+# the launcher reports its own child's wait4 rusage.
+LAUNCHER = """
+import json, os, subprocess, sys
+proc = subprocess.Popen(sys.argv[2:])
+_, status, usage = os.wait4(proc.pid, 0)
+with open(sys.argv[1], "w") as f:
+    json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}, f)
+"""
+
+
 def run_child(cmd: list[str]) -> tuple[int, str, str, float]:
-    """Runs ``cmd``; returns its exit code, stdout, stderr and peak RSS in MB (from wait4)."""
-    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True)
-        _, status, usage = os.wait4(proc.pid, 0)
-        proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here, not by Popen
-        out.seek(0), err.seek(0)
-        return proc.returncode, out.read(), err.read(), usage.ru_maxrss / 1024
+    """Runs ``cmd``; returns its exit code, stdout, stderr and its own peak RSS in MB."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage.json"
+        with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
+            subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *cmd], stdout=out, stderr=err)
+            out.seek(0), err.seek(0)
+            stdout, stderr = out.read(), err.read()
+        try:
+            usage = json.loads(report.read_text())
+        except (OSError, ValueError):  # the launcher itself failed
+            return 1, stdout, stderr, 0.0
+        return usage["code"], stdout, stderr, usage["maxrss_kb"] / 1024
 
 
 def run_stage(args: list[str]) -> dict:
