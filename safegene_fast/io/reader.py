@@ -21,6 +21,7 @@ import torch
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own cap
+RING = 3  # reused read buffers: one being read, one computed on, one being written
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -186,27 +187,30 @@ class Checkpoint:
     def iter_tensors(self, names: Iterable[str], reuse_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) in order, reading the next tensor while the caller works.
 
-        With ``reuse_buffers`` the tensors live in two buffers that take turns (each grown to the
-        largest tensor so far): a yielded tensor is valid only until the next one is asked for,
-        and the caller must not keep it. This saves the kernel zero-filling and page-faulting
-        fresh memory for every tensor, which cost a streaming merge about as much as its reads.
+        With ``reuse_buffers`` the tensors live in three buffers that take turns (each grown to
+        the largest tensor so far): a yielded tensor stays valid until two more have been asked
+        for, so one can be written out in the background (``ShardedWriter``) while the next is
+        computed on and the one after is read. This saves the kernel zero-filling and
+        page-faulting fresh memory for every tensor, which cost a streaming merge about as much
+        as its reads.
         """
         names = list(names)
-        buffers = [torch.empty(0, dtype=torch.uint8), torch.empty(0, dtype=torch.uint8)]
+        buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(RING)]
 
         def read(i: int) -> torch.Tensor:
             if not reuse_buffers:
                 return self.read(names[i])
-            if buffers[i % 2].numel() < self.tensors[names[i]].nbytes:
-                buffers[i % 2] = torch.empty(0, dtype=torch.uint8)  # free the small one first
-                buffers[i % 2] = torch.empty(self.tensors[names[i]].nbytes, dtype=torch.uint8)
-            return self.read(names[i], into=buffers[i % 2])
+            slot, nbytes = i % RING, self.tensors[names[i]].nbytes
+            if buffers[slot].numel() < nbytes:
+                buffers[slot] = torch.empty(0, dtype=torch.uint8)  # free the small one first
+                buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+            return self.read(names[i], into=buffers[slot])
 
         with ThreadPoolExecutor(max_workers=1) as pool:
             pending = pool.submit(read, 0) if names else None
             for i, name in enumerate(names):
                 tensor = pending.result()
-                # Buffer (i + 1) % 2 held tensor i - 1, which the caller is done with by now.
+                # Slot (i + 1) % 3 held tensor i - 2, which the caller is done with by now.
                 pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
                 yield name, tensor
                 del tensor

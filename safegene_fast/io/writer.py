@@ -13,6 +13,7 @@ import errno
 import json
 import os
 import shutil
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -97,6 +98,9 @@ class ShardedWriter:
         self._next = 0        # index into self.order
         self._shard = -1      # shard being written
         self._file = None
+        # Write-behind: one tensor's write runs in this thread while the caller computes the next.
+        self._pool = ThreadPoolExecutor(max_workers=1)
+        self._pending: tuple[Future, str] | None = None
 
     def _guard(self, what: str, action):
         try:
@@ -115,7 +119,11 @@ class ShardedWriter:
             self._file = None
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Appends the next planned tensor (same name, dtype and shape as planned)."""
+        """Appends the next planned tensor (same name, dtype and shape as planned).
+
+        The data is written in the background: ``tensor``'s memory must stay unchanged until the
+        next ``write`` returns (it waits for this one) or ``finish``.
+        """
         if self._next >= len(self.order) or self.order[self._next].name != name:
             expected = self.order[self._next].name if self._next < len(self.order) else "nothing"
             self.abort()
@@ -125,12 +133,24 @@ class ShardedWriter:
             self.abort()
             raise CheckpointError(f"{self.out}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)} "
                                   f"but was planned as {planned.dtype} {list(planned.shape)}.")
+        self._wait()
         shard = self.shard_of[self._next]
-        if shard != self._shard:
-            self._guard(f"shard {self.shard_names[shard]}", lambda: self._open_shard(shard))
-        data = tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
-        self._guard(f"tensor {name!r}", lambda: self._file.write(memoryview(data)))
+        data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+
+        def write_data() -> None:
+            if shard != self._shard:
+                self._open_shard(shard)
+            self._file.write(data)
+
+        self._pending = (self._pool.submit(write_data),
+                         f"tensor {name!r} to shard {self.shard_names[shard]}")
         self._next += 1
+
+    def _wait(self) -> None:
+        """Waits for the write in flight; a failure becomes the one-sentence error, output removed."""
+        if self._pending is not None:
+            (future, what), self._pending = self._pending, None
+            self._guard(what, future.result)
 
     def _open_shard(self, shard: int) -> None:
         self._close_shard()
@@ -140,11 +160,13 @@ class ShardedWriter:
 
     def finish(self) -> Path:
         """Completes the checkpoint and moves it into place; returns its folder."""
+        self._wait()
         if self._next != len(self.order):
             missing = self.order[self._next].name
             self.abort()
             raise CheckpointError(f"{self.out}: incomplete, tensor {missing!r} was never written.")
         self._guard("the index and companion files", self._finish_files)
+        self._pool.shutdown()
         return self.out
 
     def _finish_files(self) -> None:
@@ -178,6 +200,10 @@ class ShardedWriter:
 
     def abort(self) -> None:
         """Removes everything written so far."""
+        if self._pending is not None:  # let the write in flight end before removing its file
+            self._pending[0].exception()
+            self._pending = None
+        self._pool.shutdown()
         if self._file is not None:
             self._file.close()
             self._file = None
