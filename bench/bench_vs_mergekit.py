@@ -45,6 +45,7 @@ from pathlib import Path
 import torch
 
 import safegene_fast
+from safegene_fast.bench import COPY_FLOOR, measure_command, shard_files
 from safegene_fast.io import Checkpoint
 from safegene_fast.synthetic import SHAPES, default_root, write_family
 
@@ -63,77 +64,17 @@ TARGETS = {  # the project's targets against mergekit and the copy floor
     "extract_error_ratio_max": ("ours extract: error / optimal (worst sampled matrix)", "<=", 1.02),
 }
 
-COPY_FLOOR = textwrap.dedent("""
-    import os, sys
-    src, dst = sys.argv[1], sys.argv[2]
-    os.makedirs(dst)
-    buf = bytearray(16 << 20)
-    view = memoryview(buf)
-    for name in sorted(os.listdir(src)):
-        with open(os.path.join(src, name), "rb", buffering=0) as f, \\
-                open(os.path.join(dst, name), "wb", buffering=0) as g:
-            while n := f.readinto(buf):
-                g.write(view[:n])
-            os.fsync(g.fileno())
-    fd = os.open(dst, os.O_RDONLY)
-    os.fsync(fd)
-    os.close(fd)
-""")
-
-PY_EXTRACT = ("import sys, safegene_fast as sg; "
-              "sg.extract(sys.argv[1], [sys.argv[2]], rank=int(sys.argv[4])).save(sys.argv[3])")
-PY_APPLY = ("import sys, safegene_fast as sg; "
-            "sg.apply(sys.argv[1], sys.argv[2], sys.argv[3], coeffs=float(sys.argv[4]), format='merged')")
-PY_RESTA = ("import sys, safegene_fast as sg; "
-            "sg.resta(sys.argv[1], sys.argv[2], sys.argv[3], float(sys.argv[4]), sys.argv[5])")
-
 
 # ---------------------------------------------------------------------------------------------
 # running and measuring
 
 
-# The measured command is started by this small launcher, not by the benchmark process itself:
-# Linux carries the parent's peak RSS into a child's ru_maxrss across fork/vfork + exec, so a child
-# of the (large, torch-importing) benchmark process would report at least the benchmark's own peak.
-# The launcher's peak is a few MB; it reports the wall time and os.wait4 rusage of its child.
-LAUNCHER = textwrap.dedent("""
-    import json, os, subprocess, sys, time
-    report, timeout, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd)
-    timed_out = False
-    while True:
-        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
-        if pid:
-            break
-        if timeout > 0 and time.perf_counter() - start > timeout:
-            timed_out = True
-            proc.kill()
-            pid, status, usage = os.wait4(proc.pid, 0)
-            break
-        time.sleep(0.005)
-    wall = time.perf_counter() - start
-    with open(report, "w") as f:
-        json.dump({"wall_s": wall, "maxrss_kb": usage.ru_maxrss, "user_s": usage.ru_utime,
-                   "sys_s": usage.ru_stime, "rc": os.waitstatus_to_exitcode(status),
-                   "timed_out": timed_out}, f)
-""")
-
-
 def run_measured(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> dict:
-    """Runs cmd as a grandchild (see LAUNCHER); its wall seconds and peak RSS (MB) alone."""
-    report = log.with_suffix(".rusage.json")
+    """Runs cmd through safegene_fast.bench's launcher: its own wall seconds and peak RSS (MB)."""
     with open(log, "wb") as out:
-        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), str(timeout or 0), *cmd],
-                       stdout=out, stderr=subprocess.STDOUT, env=env)
-    try:
-        r = json.loads(report.read_text())
-    except (OSError, ValueError):
-        r = {"wall_s": 0.0, "maxrss_kb": 0, "user_s": 0.0, "sys_s": 0.0, "rc": -1, "timed_out": False}
-    result = {"wall_s": round(r["wall_s"], 3), "peak_rss_mb": round(r["maxrss_kb"] / 1024, 1), "rc": r["rc"],
-              "user_s": round(r["user_s"], 2), "sys_s": round(r["sys_s"], 2)}
-    if r["timed_out"]:
-        result["timed_out"] = True
+        result = measure_command(cmd, out, subprocess.STDOUT, env=env, timeout=timeout)
+    if not result["timed_out"]:
+        del result["timed_out"]
     if result["rc"] != 0:
         tail = log.read_bytes()[-3000:].decode(errors="replace")
         result["error_tail"] = tail
@@ -211,7 +152,7 @@ def mergekit_versions() -> dict:
 
 def sample_modules(shape) -> list[str]:
     last = shape.layers - 1
-    return [f"model.layers.0.self_attn.q_proj", f"model.layers.0.mlp.down_proj",
+    return ["model.layers.0.self_attn.q_proj", "model.layers.0.mlp.down_proj",
             f"model.layers.{last}.self_attn.v_proj", f"model.layers.{last}.mlp.gate_proj"]
 
 
@@ -325,16 +266,6 @@ def check_apply(family: dict, gene: Path, out: Path, alpha: float, module: str) 
 # ---------------------------------------------------------------------------------------------
 
 
-def cli_available() -> bool:
-    exe = Path(sys.executable).parent / "safegene"
-    if not exe.exists():
-        return False
-    for sub in ("extract", "apply", "resta"):
-        if subprocess.run([str(exe), sub, "--help"], capture_output=True).returncode != 0:
-            return False
-    return True
-
-
 def median_row(runs: list[dict]) -> dict:
     ok = [r for r in runs if r["rc"] == 0]
     if not ok:
@@ -374,9 +305,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         notes.append("--quick: llama-tiny timings are dominated by process start-up; the targets are "
                      "meant for the full shapes")
-    use_cli = cli_available()
-    notes.append("ours run through the safegene CLI" if use_cli else
-                 "ours run through the Python API (python -c): the safegene CLI was not available")
+    notes.append("ours run through the safegene CLI")
 
     shape = SHAPES[args.shape]
     print(f"family {args.shape} ({shape.nbytes(dtype) / 1e9:.2f} GB per checkpoint, bf16) ...", flush=True)
@@ -404,22 +333,16 @@ def main(argv: list[str] | None = None) -> int:
     gene = work / "gene"
 
     def cmd_extract(fam, out):
-        if use_cli:
-            return [exe, "extract", "--aligned", str(fam["aligned"]), "--degraded", str(fam["degraded"]),
-                    "--out", str(out), "--rank", str(args.rank), "--quiet"]
-        return [py, "-c", PY_EXTRACT, str(fam["aligned"]), str(fam["degraded"]), str(out), str(args.rank)]
+        return [exe, "extract", "--aligned", str(fam["aligned"]), "--degraded", str(fam["degraded"]),
+                "--out", str(out), "--rank", str(args.rank), "--quiet"]
 
     def cmd_apply(out):
-        if use_cli:
-            return [exe, "apply", "--model", T, "--gene", str(gene), "--alpha", str(args.alpha), "--out",
-                    str(out), "--quiet"]
-        return [py, "-c", PY_APPLY, T, str(gene), str(out), str(args.alpha)]
+        return [exe, "apply", "--model", T, "--gene", str(gene), "--alpha", str(args.alpha), "--out",
+                str(out), "--quiet"]
 
     def cmd_resta(out):
-        if use_cli:
-            return [exe, "resta", "--model", T, "--aligned", A, "--degraded", D, "--alpha", str(args.alpha),
-                    "--out", str(out), "--quiet"]
-        return [py, "-c", PY_RESTA, T, A, D, str(args.alpha), str(out)]
+        return [exe, "resta", "--model", T, "--aligned", A, "--degraded", D, "--alpha", str(args.alpha),
+                "--out", str(out), "--quiet"]
 
     mk_config = work / "task_arithmetic.yml"
     mk_config.write_text(textwrap.dedent(f"""\
@@ -460,6 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         if out is not None:
             rm(out)
         warm(*inputs)
+        os.sync()  # no dirty pages of the row before (mergekit does not fsync) to write back in this one
         commands[key] = shlex.join(cmd)
         r = run_measured(cmd, logs / f"{key}-{len(rows[key])}.log", env=env, timeout=timeout)
         rows[key].append(r)
@@ -486,10 +410,11 @@ def main(argv: list[str] | None = None) -> int:
     out_apply, out_resta, out_copy, out_mk = (work / n for n in ("apply", "resta", "copy", "mergekit-merge"))
     for _ in range(args.repeat):
         # process start-up alone (interpreter, torch and the tool's imports, argument parsing)
-        measure("ours_startup", [exe, "--help"] if use_cli else [py, "-c", "import safegene_fast"], (), None)
+        measure("ours_startup", [exe, "--help"], (), None)
         if have_mk:
             measure("mergekit_startup", [str(mergekit_bin("mergekit-yaml")), "--help"], (), None, env=mk_env)
-        measure("copy_floor", [py, "-c", COPY_FLOOR, T, str(out_copy)], (family["target"],), out_copy)
+        measure("copy_floor", [py, "-S", "-c", COPY_FLOOR, str(out_copy), *map(str, shard_files(T))],
+                (family["target"],), out_copy)
         measure("ours_apply", cmd_apply(out_apply), (family["target"], gene), out_apply)
         measure("ours_resta", cmd_resta(out_resta), (family["target"], family["aligned"], family["degraded"]),
                 out_resta)
@@ -498,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
                         (family["target"], family["aligned"], family["degraded"]), out_mk, env=mk_env)
             if r["rc"] == 0:  # mergekit does not fsync its output; ours and the copy floor do
                 r["fsync_after_s"] = round(fsync_tree(out_mk), 3)
-    commands["copy_floor"] = f"{shlex.quote(py)} -c <COPY_FLOOR: 16 MiB readinto/write per file, fsync> {T} OUT"
+    commands["copy_floor"] = f"{shlex.quote(py)} -S -c <safegene_fast.bench.COPY_FLOOR> OUT {T}/*.safetensors"
 
     # --- correctness checks
     print("checking outputs ...", flush=True)
@@ -632,7 +557,7 @@ def main(argv: list[str] | None = None) -> int:
                          "extract_shape": args.extract_shape, "dtype": "bfloat16", "rank": args.rank,
                          "alpha": args.alpha, "seed": args.seed, "repeat": args.repeat,
                          "checkpoint_bytes": nbytes, "full_model_bytes": shape.full_nbytes(dtype),
-                         "interface": "cli" if use_cli else "python-api"},
+                         "interface": "cli"},
             "commands": commands, "mergekit_config": mk_config.read_text(),
             "rows": summary, "ratios": ratios, "targets": targets, "checks": extras, "notes": notes,
             "family_generation_s": round(gen_s, 2), "checks_s": round(check_s, 2),

@@ -2,7 +2,7 @@
 
 Each stage runs as its own ``safegene ... --json`` process, so its peak RSS (from ``wait4``) is
 its own and its time is the command's own measurement (without interpreter start-up). The copy
-floor is a plain streaming copy of the target's files (large reads, one write each, fsync): the
+floor is a plain streaming copy of the target's files (16 MiB reads and writes, fsync): the
 time any streaming merge of the same bytes must at least pay. All stages read the same files, so
 they see the same page cache. Stages run in rounds (``--repeat``, default 3), each after an
 ``os.sync()``, and the median time is reported: streaming writes on a shared disk are noisy.
@@ -24,35 +24,72 @@ import torch
 from safegene_fast.gene import layer_of
 from safegene_fast.io import Checkpoint
 
-COPY_CHUNK = 64 * 2**20
 
 
 # A child's ru_maxrss starts at its parent's peak (Linux carries it across fork/vfork + exec), so
 # a command started straight from a big process (pytest, a benchmark that generated models)
-# would report at least that process's peak. It is started by this small launcher instead, and
-# the launcher reports its own child's wait4 rusage.
+# would report at least that process's peak. Commands are started by this small launcher
+# instead, which reports its own child's wall time and wait4 rusage (and kills it at a timeout).
 LAUNCHER = """
-import json, os, subprocess, sys
-proc = subprocess.Popen(sys.argv[2:])
-_, status, usage = os.wait4(proc.pid, 0)
-with open(sys.argv[1], "w") as f:
-    json.dump({"code": os.waitstatus_to_exitcode(status), "maxrss_kb": usage.ru_maxrss}, f)
+import json, os, subprocess, sys, time
+report, timeout, cmd = sys.argv[1], float(sys.argv[2]), sys.argv[3:]
+start = time.perf_counter()
+proc = subprocess.Popen(cmd)
+timed_out = False
+while True:
+    pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+    if pid:
+        break
+    if timeout > 0 and time.perf_counter() - start > timeout:
+        timed_out = True
+        proc.kill()
+        pid, status, usage = os.wait4(proc.pid, 0)
+        break
+    time.sleep(0.005)
+with open(report, "w") as f:
+    json.dump({"wall_s": time.perf_counter() - start, "maxrss_kb": usage.ru_maxrss, "user_s": usage.ru_utime,
+               "sys_s": usage.ru_stime, "rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out}, f)
 """
+
+# The copy floor as a program of its own (no torch: its wall time is the copy's): copies FILES
+# into DST with 16 MiB reads and writes, fsyncing each file and the folder.
+COPY_FLOOR = """
+import os, sys
+dst, files = sys.argv[1], sys.argv[2:]
+os.makedirs(dst)
+buf = bytearray(16 << 20)
+view = memoryview(buf)
+for src in files:
+    with open(src, "rb", buffering=0) as f, open(os.path.join(dst, os.path.basename(src)), "wb", buffering=0) as g:
+        while n := f.readinto(buf):
+            g.write(view[:n])
+        os.fsync(g.fileno())
+fd = os.open(dst, os.O_RDONLY)
+os.fsync(fd)
+os.close(fd)
+"""
+
+
+def measure_command(cmd: list[str], stdout, stderr, env: dict | None = None, timeout: float | None = None) -> dict:
+    """Runs ``cmd`` through the launcher: rc, wall_s, peak_rss_mb, user_s, sys_s, timed_out."""
+    with tempfile.TemporaryDirectory() as tmp:
+        report = Path(tmp) / "rusage.json"
+        subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), str(timeout or 0), *cmd],
+                       stdout=stdout, stderr=stderr, env=env)
+        try:
+            r = json.loads(report.read_text())
+        except (OSError, ValueError):  # the launcher itself failed
+            return {"rc": -1, "wall_s": 0.0, "peak_rss_mb": 0.0, "user_s": 0.0, "sys_s": 0.0, "timed_out": False}
+    return {"rc": r["rc"], "wall_s": round(r["wall_s"], 4), "peak_rss_mb": round(r["maxrss_kb"] / 1024, 1),
+            "user_s": round(r["user_s"], 2), "sys_s": round(r["sys_s"], 2), "timed_out": r["timed_out"]}
 
 
 def run_child(cmd: list[str]) -> tuple[int, str, str, float]:
     """Runs ``cmd``; returns its exit code, stdout, stderr and its own peak RSS in MB."""
-    with tempfile.TemporaryDirectory() as tmp:
-        report = Path(tmp) / "rusage.json"
-        with open(Path(tmp) / "out", "w+") as out, open(Path(tmp) / "err", "w+") as err:
-            subprocess.run([sys.executable, "-S", "-c", LAUNCHER, str(report), *cmd], stdout=out, stderr=err)
-            out.seek(0), err.seek(0)
-            stdout, stderr = out.read(), err.read()
-        try:
-            usage = json.loads(report.read_text())
-        except (OSError, ValueError):  # the launcher itself failed
-            return 1, stdout, stderr, 0.0
-        return usage["code"], stdout, stderr, usage["maxrss_kb"] / 1024
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        r = measure_command(cmd, out, err)
+        out.seek(0), err.seek(0)
+        return r["rc"], out.read(), err.read(), r["peak_rss_mb"]
 
 
 def run_stage(args: list[str]) -> dict:
@@ -74,26 +111,21 @@ def import_floor_rss_mb() -> float:
     return run_child([sys.executable, "-c", "import safegene_fast"])[3]
 
 
-def copy_floor(model: str | os.PathLike, out: str | os.PathLike) -> dict:
-    """Copies the checkpoint's safetensors files with large reads and writes, fsynced."""
+def shard_files(model: str | os.PathLike) -> list[Path]:
     with Checkpoint(model) as ckpt:
-        files = sorted({info.file for info in ckpt.tensors.values()})
-    out = Path(out)
+        return sorted({info.file for info in ckpt.tensors.values()})
+
+
+def copy_floor(model: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Copies the checkpoint's safetensors files (``COPY_FLOOR``), fsynced; timed as a process."""
+    files = shard_files(model)
     shutil.rmtree(out, ignore_errors=True)
-    out.mkdir(parents=True)
-    buf = bytearray(COPY_CHUNK)
-    view = memoryview(buf)
-    nbytes = 0
-    start = time.perf_counter()
-    for src in files:
-        with open(src, "rb", buffering=0) as fin, open(out / src.name, "wb", buffering=0) as fout:
-            while got := fin.readinto(buf):
-                fout.write(view[:got])
-                nbytes += got
-            os.fsync(fout.fileno())
-    seconds = time.perf_counter() - start
-    return {"command": "copy", "seconds": round(seconds, 4), "bytes": nbytes,
-            "gb_per_s": round(nbytes / seconds / 1e9, 4), "peak_rss_mb": None}
+    r = measure_command([sys.executable, "-S", "-c", COPY_FLOOR, str(out), *map(str, files)], None, None)
+    if r["rc"]:
+        raise RuntimeError(f"bench: the copy floor failed (exit status {r['rc']}).")
+    nbytes = sum(f.stat().st_size for f in files)
+    return {"command": "copy", "seconds": r["wall_s"], "bytes": nbytes,
+            "gb_per_s": round(nbytes / r["wall_s"] / 1e9, 4), "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def projection_scale(model: str | os.PathLike, full_layers: int) -> tuple[float, float]:
