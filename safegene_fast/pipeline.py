@@ -21,7 +21,7 @@ from safegene_fast.progress import Progress
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
 # projections); embeddings, the LM head and norms are outside this pattern or 1-D.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
-RESTA_CHUNK = 4 * 2**20  # elements of fp32 delta resta holds at a time (16 MiB)
+RESTA_CHUNK = 4 * 2**20  # elements resta reads of A and D, and holds of the fp32 delta, at a time
 
 
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
@@ -171,18 +171,18 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
         names = [p.name for p in plan]
         with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer, \
                 Progress("resta", sum(p.nbytes for p in plan), len(plan), progress) as bar:
-            for (name, w), (_, a), (_, d) in zip(t_ckpt.iter_tensors(names, True), a_ckpt.iter_tensors(names, True),
-                                                 d_ckpt.iter_tensors(names, True)):
+            for name, w in t_ckpt.iter_tensors(names, reuse_buffers=True):
                 if w.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.numel():
-                    w, a, d = (t.to(device).view(-1) for t in (w, a, d))
-                    # In chunks, so the fp32 delta never costs more than RESTA_CHUNK elements.
+                    w = w.to(device).view(-1)
+                    # In chunks: A and D are read piece by piece, and the fp32 delta never holds
+                    # more than RESTA_CHUNK elements, so only the target is held whole.
                     buf = torch.empty(min(w.numel(), RESTA_CHUNK), dtype=torch.float32, device=device)
-                    for lo in range(0, w.numel(), RESTA_CHUNK):
-                        hi = min(lo + RESTA_CHUNK, w.numel())
-                        delta = buf[:hi - lo]
-                        ops.delta_out(a[lo:hi], d[lo:hi], delta)
-                        _check_finite(delta, [(aligned, a[lo:hi]), (degraded, d[lo:hi])], name, allow_nonfinite)
-                        ops.merge_dense_(w[lo:hi], delta, alpha)
+                    pieces = zip(a_ckpt.iter_chunks(name, RESTA_CHUNK), d_ckpt.iter_chunks(name, RESTA_CHUNK))
+                    for lo, (a, d) in zip(range(0, w.numel(), RESTA_CHUNK), pieces):
+                        a, d = a.to(device), d.to(device)
+                        delta = ops.delta_out(a, d, buf[:a.numel()])
+                        _check_finite(delta, [(aligned, a), (degraded, d)], name, allow_nonfinite)
+                        ops.merge_dense_(w[lo:lo + a.numel()], delta, alpha)
                     w = w.view(t_ckpt.tensors[name].shape)
                 writer.write(name, w)
                 bar.advance(t_ckpt.tensors[name].nbytes)

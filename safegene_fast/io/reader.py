@@ -166,23 +166,49 @@ class Checkpoint:
     def names(self) -> list[str]:
         return list(self.tensors)
 
-    def read(self, name: str, into: torch.Tensor | None = None) -> torch.Tensor:
+    def read(self, name: str, into: torch.Tensor | None = None, start: int = 0,
+             count: int | None = None) -> torch.Tensor:
         """One tensor, read with positioned reads into fresh memory, or into the start of the
-        uint8 buffer ``into`` (which must be large enough)."""
+        uint8 buffer ``into`` (large enough). With ``start``/``count``: only those elements of
+        the flattened tensor, as a 1-D tensor."""
         info = self.tensors[name]
-        out = torch.empty(info.nbytes, dtype=torch.uint8) if into is None else into[:info.nbytes]
-        if info.nbytes:
+        size = info.dtype.itemsize
+        whole = start == 0 and count is None
+        count = info.nbytes // size - start if count is None else count
+        nbytes, offset = count * size, info.offset + start * size
+        out = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
+        if nbytes:
             fd = self._fds.get(info.file)
             if fd is None:
                 fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
             view = memoryview(out.numpy())
             done = 0
-            while done < info.nbytes:  # preadv may return short reads
-                got = os.preadv(fd, [view[done:]], info.offset + done)
+            while done < nbytes:  # preadv may return short reads
+                got = os.preadv(fd, [view[done:]], offset + done)
                 if got == 0:
                     raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk.")
                 done += got
-        return out.view(info.dtype).reshape(info.shape)
+        out = out.view(info.dtype)
+        return out.reshape(info.shape) if whole else out
+
+    def iter_chunks(self, name: str, chunk: int) -> Iterator[torch.Tensor]:
+        """The flattened tensor in pieces of ``chunk`` elements, the next read while the caller
+        works. Each piece lives in one of two reused buffers and is valid until the next is asked
+        for: memory stays at two pieces however large the tensor."""
+        numel = self.tensors[name].nbytes // self.tensors[name].dtype.itemsize
+        starts = range(0, numel, chunk)
+        buffers = [torch.empty(min(chunk, numel) * self.tensors[name].dtype.itemsize, dtype=torch.uint8)
+                   for _ in range(min(2, len(starts)))]
+
+        def read(i: int) -> torch.Tensor:
+            return self.read(name, buffers[i % 2], starts[i], min(chunk, numel - starts[i]))
+
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(read, 0) if starts else None
+            for i in range(len(starts)):
+                piece = pending.result()
+                pending = pool.submit(read, i + 1) if i + 1 < len(starts) else None
+                yield piece
 
     def iter_tensors(self, names: Iterable[str], reuse_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) in order, reading the next tensor while the caller works.
