@@ -82,7 +82,7 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
         if not names:
             raise CheckpointError(f"{aligned}: no tensor matches the module selection.")
         modules, nonfinite = {}, 0
-        readers = [c.iter_tensors(names, reuse_buffers=True) for c in (a_ckpt, *d_ckpts)]
+        readers = [c.iter_tensors(names, ring=2) for c in (a_ckpt, *d_ckpts)]
         total_bytes = sum(a_ckpt.tensors[n].nbytes for n in names)
         with Progress("extract", total_bytes, len(names), progress) as bar:
             for items in zip(*readers):
@@ -121,7 +121,7 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
         with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer, \
                 Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
-            for name, w in ckpt.iter_tensors([p.name for p in plan], reuse_buffers=True):
+            for name, w in ckpt.iter_tensors([p.name for p in plan], ring=3):  # read / merge / write
                 m = gene.modules.get(name.removesuffix(".weight"))
                 alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if m else 0.0
                 if alpha != 0.0:
@@ -171,7 +171,7 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
         names = [p.name for p in plan]
         with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer, \
                 Progress("resta", sum(p.nbytes for p in plan), len(plan), progress) as bar:
-            for name, w in t_ckpt.iter_tensors(names, reuse_buffers=True):
+            for name, w in t_ckpt.iter_tensors(names, ring=3):  # read / merge / write
                 if w.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.numel():
                     w = w.to(device).view(-1)
                     # In chunks: A and D are read piece by piece, and the fp32 delta never holds

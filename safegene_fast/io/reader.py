@@ -21,7 +21,6 @@ import torch
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own cap
-RING = 3  # reused read buffers: one being read, one computed on, one being written
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -210,23 +209,25 @@ class Checkpoint:
                 pending = pool.submit(read, i + 1) if i + 1 < len(starts) else None
                 yield piece
 
-    def iter_tensors(self, names: Iterable[str], reuse_buffers: bool = False) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, names: Iterable[str], ring: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) in order, reading the next tensor while the caller works.
 
-        With ``reuse_buffers`` the tensors live in three buffers that take turns (each grown to
-        the largest tensor so far): a yielded tensor stays valid until two more have been asked
-        for, so one can be written out in the background (``ShardedWriter``) while the next is
-        computed on and the one after is read. This saves the kernel zero-filling and
-        page-faulting fresh memory for every tensor, which cost a streaming merge about as much
-        as its reads.
+        ``ring=0``: every tensor in fresh memory. ``ring=n`` (2 or more): the tensors live in n
+        buffers that take turns (each grown to the largest tensor so far), and a yielded tensor
+        stays valid only until n - 1 more have been asked for: 2 when each tensor is used up
+        before the next, 3 to write one out in the background (``ShardedWriter``) while the next
+        is computed on and the one after is read. Reused buffers save the kernel zero-filling
+        and page-faulting fresh memory for every tensor.
         """
+        if ring == 1 or ring < 0:
+            raise ValueError("ring must be 0 (fresh memory) or at least 2 (one read ahead).")
         names = list(names)
-        buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(RING)]
+        buffers = [torch.empty(0, dtype=torch.uint8) for _ in range(ring)]
 
         def read(i: int) -> torch.Tensor:
-            if not reuse_buffers:
+            if not ring:
                 return self.read(names[i])
-            slot, nbytes = i % RING, self.tensors[names[i]].nbytes
+            slot, nbytes = i % ring, self.tensors[names[i]].nbytes
             if buffers[slot].numel() < nbytes:
                 buffers[slot] = torch.empty(0, dtype=torch.uint8)  # free the small one first
                 buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
@@ -236,7 +237,7 @@ class Checkpoint:
             pending = pool.submit(read, 0) if names else None
             for i, name in enumerate(names):
                 tensor = pending.result()
-                # Slot (i + 1) % 3 held tensor i - 2, which the caller is done with by now.
+                # Slot (i + 1) % ring held tensor i + 1 - ring, which the caller is done with.
                 pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
                 yield name, tensor
                 del tensor
