@@ -217,7 +217,7 @@ def test_bench_synthetic_runs_every_stage(capsys, tmp_path, monkeypatch):
     assert main(["bench", "--synthetic", "llama-tiny", "--json", "--quiet", "--rank", "4", "--repeat", "2"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stages = {s["command"]: s for s in result["stages"]}
-    assert list(stages) == ["copy", "extract", "apply", "resta"]
+    assert list(stages) == ["copy", "extract", "apply", "copy+2 reads", "resta"]
     for s in stages.values():
         assert s["bytes"] > 0 and s["seconds"] > 0 and s["vs_copy"] > 0 and "projected_full_s" in s
     assert stages["apply"]["peak_rss_mb"] >= result["import_floor_rss_mb"] * 0.9

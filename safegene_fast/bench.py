@@ -5,7 +5,8 @@ its own and its time is the command's own measurement (without interpreter start
 floor is a plain streaming copy of the target's files (16 MiB reads and writes, fsync): the
 time any streaming merge of the same bytes must at least pay. All stages read the same files, so
 they see the same page cache. Stages run in rounds (``--repeat``, default 3), each after an
-``os.sync()``, and the median time is reported: streaming writes on a shared disk are noisy.
+``os.sync()`` and right after a copy floor pass of its own; the median time is reported, and
+"vs copy" is the median of the paired ratios: streaming writes on a shared VM disk are noisy.
 """
 
 from __future__ import annotations
@@ -51,15 +52,20 @@ with open(report, "w") as f:
                "sys_s": usage.ru_stime, "rc": os.waitstatus_to_exitcode(status), "timed_out": timed_out}, f)
 """
 
-# The copy floor as a program of its own (no torch: its wall time is the copy's): copies FILES
-# into DST with 16 MiB reads and writes, fsyncing each file and the folder.
+# The copy floor as a program of its own (no torch: its wall time is the copy's): copies the
+# first N of FILES into DST with 16 MiB reads and writes, fsyncing each file and the folder, and
+# reads the rest of FILES the same way (resta's floor: it also reads A and D).
 COPY_FLOOR = """
 import os, sys
-dst, files = sys.argv[1], sys.argv[2:]
+dst, n, files = sys.argv[1], int(sys.argv[2]), sys.argv[3:]
 os.makedirs(dst)
 buf = bytearray(16 << 20)
 view = memoryview(buf)
-for src in files:
+for src in files[n:]:
+    with open(src, "rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+for src in files[:n]:
     with open(src, "rb", buffering=0) as f, open(os.path.join(dst, os.path.basename(src)), "wb", buffering=0) as g:
         while n := f.readinto(buf):
             g.write(view[:n])
@@ -116,16 +122,18 @@ def shard_files(model: str | os.PathLike) -> list[Path]:
         return sorted({info.file for info in ckpt.tensors.values()})
 
 
-def copy_floor(model: str | os.PathLike, out: str | os.PathLike) -> dict:
-    """Copies the checkpoint's safetensors files (``COPY_FLOOR``), fsynced; timed as a process."""
-    files = shard_files(model)
+def copy_floor(model: str | os.PathLike, out: str | os.PathLike, also_read=()) -> dict:
+    """Copies the checkpoint's safetensors files (``COPY_FLOOR``), fsynced, after reading the
+    files of the checkpoints ``also_read``; timed as a process. Bytes are the copied ones."""
+    files, extra = shard_files(model), [f for other in also_read for f in shard_files(other)]
     shutil.rmtree(out, ignore_errors=True)
-    r = measure_command([sys.executable, "-S", "-c", COPY_FLOOR, str(out), *map(str, files)], None, None)
+    r = measure_command([sys.executable, "-S", "-c", COPY_FLOOR, str(out), str(len(files)),
+                         *map(str, files + extra)], None, None)
     if r["rc"]:
         raise RuntimeError(f"bench: the copy floor failed (exit status {r['rc']}).")
     nbytes = sum(f.stat().st_size for f in files)
-    return {"command": "copy", "seconds": r["wall_s"], "bytes": nbytes,
-            "gb_per_s": round(nbytes / r["wall_s"] / 1e9, 4), "peak_rss_mb": r["peak_rss_mb"]}
+    return {"command": "copy" if not also_read else f"copy+{len(also_read)} reads", "seconds": r["wall_s"],
+            "bytes": nbytes, "gb_per_s": round(nbytes / r["wall_s"] / 1e9, 4), "peak_rss_mb": r["peak_rss_mb"]}
 
 
 def projection_scale(model: str | os.PathLike, full_layers: int) -> tuple[float, float]:
@@ -182,26 +190,36 @@ def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=N
         "apply", "--model", str(model), "--gene", str(gene or gene_out), "--alpha", str(alpha),
         "--out", str(work / "apply"), "--overwrite", *common])
     if aligned and degraded:
+        # resta reads three checkpoints for each one it writes: its floor does the same
+        stage_runs["copy3"] = lambda: copy_floor(model, work / "copy3", also_read=(aligned, degraded))
         stage_runs["resta"] = lambda: run_stage([
             "resta", "--model", str(model), "--aligned", str(aligned), "--degraded", str(degraded),
             "--alpha", str(alpha), "--out", str(work / "resta"), "--overwrite", *common])
     runs = {name: [] for name in stage_runs}
+    ratios = {name: [] for name in stage_runs if not name.startswith("copy")}
     try:
         for round_ in range(repeat):  # rounds interleave the stages, so drift hits them alike
-            for name, run in stage_runs.items():
-                say(f"{name} (round {round_ + 1} of {repeat})")
-                os.sync()  # each stage starts with no dirty pages of the one before to write back
-                runs[name].append(run())
-                if name != "extract" and not (keep and round_ == repeat - 1):
-                    shutil.rmtree(work / name)
+            for name in stage_runs:
+                if name.startswith("copy"):
+                    continue
+                # Each stage is paired with a copy floor pass just before it, in the same state of
+                # page cache and free memory (on this VM, writing into memory the host took back
+                # costs several times more than into memory just freed by the pass before).
+                floor = "copy3" if name == "resta" else "copy"
+                for stage in (floor, name):
+                    say(f"{stage} (round {round_ + 1} of {repeat})")
+                    os.sync()  # no dirty pages of the pass before to write back in this one
+                    runs[stage].append(stage_runs[stage]())
+                    if stage != "extract" and not (keep and round_ == repeat - 1 and stage != floor):
+                        shutil.rmtree(work / stage)
+                ratios[name].append(runs[name][-1]["gb_per_s"] / runs[floor][-1]["gb_per_s"])
     finally:
         if not keep:
             shutil.rmtree(work, ignore_errors=True)
     stages = [median_run(r) for r in runs.values()]
     result["repeat"] = repeat
-    copy_rate = stages[0]["gb_per_s"]
-    for s in stages:
-        s["vs_copy"] = round(s["gb_per_s"] / copy_rate, 3)
+    for s in stages:  # the median of the paired ratios
+        s["vs_copy"] = round(sorted(ratios[s["command"]])[repeat // 2], 3) if s["command"] in ratios else 1.0
     if full_layers is not None:
         whole, per_layer = projection_scale(model, full_layers)
         result["full_layers"] = full_layers
@@ -228,6 +246,7 @@ def format_table(result: dict) -> str:
     lines.insert(1, "  ".join("-" * w for w in widths))
     what = result.get("synthetic") or result["model"]
     notes = [f"{what} on {result['device']}, {result['threads']} threads, rank {result['rank']}, median of {result['repeat']}; "
-             f"extract GB = aligned weights factored, others = the model's tensors; "
+             f"extract GB = aligned weights factored, others = the model's tensors; 'vs copy' = median ratio to "
+             f"the floor pass run just before each stage (resta's floor also reads A and D); "
              f"a process that only imports safegene_fast peaks at {result['import_floor_rss_mb']:.0f} MB RSS."]
     return "\n".join(lines + notes)
