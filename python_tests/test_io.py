@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
+from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout, iter_pieces
 
 from conftest import peak_rss_growth
 
@@ -60,6 +60,22 @@ def test_reads_every_tensor_exactly(tmp_path, layout, ring):
             if previous is not None and ring != 2:  # valid until ring - 1 more are asked for
                 assert torch.equal(previous[1], ts[previous[0]])
             previous = name, t
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 1000, 5000])
+def test_pieces_of_several_checkpoints(tmp_path, chunk):
+    """iter_pieces: the same tensor of each checkpoint, flattened, chunk by chunk, ragged end."""
+    a = {"w": torch.randn(37, 101).to(torch.bfloat16)}
+    d = {"w": torch.randn(37, 101)}
+    save_file(a, str(tmp_path / "a.safetensors"))
+    save_file(d, str(tmp_path / "d.safetensors"))
+    with Checkpoint(tmp_path / "a.safetensors") as ca, Checkpoint(tmp_path / "d.safetensors") as cd:
+        got_a, got_d = [], []
+        for pa, pd in iter_pieces([ca, cd], "w", chunk):
+            assert pa.numel() == pd.numel() <= chunk and pa.dtype == torch.bfloat16 and pd.dtype == torch.float32
+            got_a.append(pa.clone())
+            got_d.append(pd.clone())
+    assert torch.equal(torch.cat(got_a), a["w"].view(-1)) and torch.equal(torch.cat(got_d), d["w"].view(-1))
 
 
 def test_reused_buffers_grow_and_take_turns(tmp_path):

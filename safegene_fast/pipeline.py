@@ -15,7 +15,7 @@ import torch
 import safegene_fast
 from safegene_fast import ops
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
-from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
+from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout, iter_pieces
 from safegene_fast.progress import Progress
 
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
@@ -177,7 +177,7 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
                     # In chunks: A and D are read piece by piece, and the fp32 delta never holds
                     # more than RESTA_CHUNK elements, so only the target is held whole.
                     buf = torch.empty(min(w.numel(), RESTA_CHUNK), dtype=torch.float32, device=device)
-                    pieces = zip(a_ckpt.iter_chunks(name, RESTA_CHUNK), d_ckpt.iter_chunks(name, RESTA_CHUNK))
+                    pieces = iter_pieces([a_ckpt, d_ckpt], name, RESTA_CHUNK)
                     for lo, (a, d) in zip(range(0, w.numel(), RESTA_CHUNK), pieces):
                         a, d = a.to(device), d.to(device)
                         delta = ops.delta_out(a, d, buf[:a.numel()])

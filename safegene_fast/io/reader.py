@@ -190,25 +190,6 @@ class Checkpoint:
         out = out.view(info.dtype)
         return out.reshape(info.shape) if whole else out
 
-    def iter_chunks(self, name: str, chunk: int) -> Iterator[torch.Tensor]:
-        """The flattened tensor in pieces of ``chunk`` elements, the next read while the caller
-        works. Each piece lives in one of two reused buffers and is valid until the next is asked
-        for: memory stays at two pieces however large the tensor."""
-        numel = self.tensors[name].nbytes // self.tensors[name].dtype.itemsize
-        starts = range(0, numel, chunk)
-        buffers = [torch.empty(min(chunk, numel) * self.tensors[name].dtype.itemsize, dtype=torch.uint8)
-                   for _ in range(min(2, len(starts)))]
-
-        def read(i: int) -> torch.Tensor:
-            return self.read(name, buffers[i % 2], starts[i], min(chunk, numel - starts[i]))
-
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, 0) if starts else None
-            for i in range(len(starts)):
-                piece = pending.result()
-                pending = pool.submit(read, i + 1) if i + 1 < len(starts) else None
-                yield piece
-
     def iter_tensors(self, names: Iterable[str], ring: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) in order, reading the next tensor while the caller works.
 
@@ -268,3 +249,26 @@ def check_same_layout(reference: Checkpoint, *others: Checkpoint) -> None:
         extra = [n for n in other.tensors if n not in reference.tensors]
         if extra:
             raise CheckpointError(f"{other.path}: has tensor {extra[0]!r}, which {reference.path} lacks.")
+
+
+def iter_pieces(ckpts: list[Checkpoint], name: str, chunk: int) -> Iterator[tuple[torch.Tensor, ...]]:
+    """Tensor ``name`` of every checkpoint, flattened, in pieces of ``chunk`` elements: one tuple
+    of pieces at a time, the next tuple read (by one thread) while the caller works. Pieces live
+    in two reused buffers per checkpoint and are valid until the next tuple is asked for, so
+    memory stays at two pieces per checkpoint however large the tensor."""
+    infos = [c.tensors[name] for c in ckpts]
+    numel = infos[0].nbytes // infos[0].dtype.itemsize
+    starts = range(0, numel, chunk)
+    buffers = [[torch.empty(min(chunk, numel) * i.dtype.itemsize, dtype=torch.uint8) for _ in range(2)]
+               for i in infos]
+
+    def read(k: int) -> tuple[torch.Tensor, ...]:
+        count = min(chunk, numel - starts[k])
+        return tuple(c.read(name, bufs[k % 2], starts[k], count) for c, bufs in zip(ckpts, buffers))
+
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending = pool.submit(read, 0) if starts else None
+        for k in range(len(starts)):
+            pieces = pending.result()
+            pending = pool.submit(read, k + 1) if k + 1 < len(starts) else None
+            yield pieces
