@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> int:
         measure("ours_startup", [exe, "--help"], (), None)
         if have_mk:
             measure("mergekit_startup", [str(mergekit_bin("mergekit-yaml")), "--help"], (), None, env=mk_env)
-        measure("copy_floor", [py, "-S", "-c", COPY_FLOOR, str(out_copy), *map(str, shard_files(T))],
+        target_files = [str(f) for f in shard_files(T)]
+        measure("copy_floor", [py, "-S", "-c", COPY_FLOOR, str(out_copy), str(len(target_files)), *target_files],
                 (family["target"],), out_copy)
         measure("ours_apply", cmd_apply(out_apply), (family["target"], gene), out_apply)
         measure("ours_resta", cmd_resta(out_resta), (family["target"], family["aligned"], family["degraded"]),
@@ -464,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
     ratios = {}
 
     def ratio(a, b, field="wall_s", invert=False):
-        if a in summary and b in summary and summary[a][field] and summary[b][field]:
+        if summary.get(a, {}).get(field) and summary.get(b, {}).get(field):
             x = summary[a][field] / summary[b][field]
             return 1 / x if invert else x
         return None
