@@ -4,7 +4,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.safegene-built
-NATIVE_INPUTS := requirements.txt setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f)
+NATIVE_INPUTS := requirements.txt requirements-data.txt setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f)
 
 .PHONY: demo test bench doctor clean
 
@@ -27,6 +27,7 @@ doctor: $(STAMP)
 $(STAMP): $(NATIVE_INPUTS)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -r requirements-data.txt
 	$(PY) -m pip install -q --no-build-isolation -e .
 	touch $@
 

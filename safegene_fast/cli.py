@@ -180,6 +180,20 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval(args: argparse.Namespace) -> int:
+    from safegene_fast.judge import OPENING, REFUSAL_PHRASES, judge_check
+    result = judge_check()
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"refusal judge ({len(REFUSAL_PHRASES)} phrases in the first {OPENING} characters) on PyRIT's "
+              f"{result['n']} human-labelled responses ({result['refusals']} refusals):")
+        print(f"accuracy {result['accuracy']:.3f}  precision {result['precision']:.3f}  recall {result['recall']:.3f}  "
+              f"(TP {result['true_positive']}, FP {result['false_positive']}, FN {result['false_negative']}, "
+              f"TN {result['true_negative']})")
+    return 0
+
+
 def doctor_report() -> dict:
     """What this installation can run: versions, CPU kernels' ISA, CUDA build and device."""
     import safegene_fast
@@ -310,6 +324,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("eval", help="evaluation harness (for now: check the refusal judge)",
+                       description="--judge-check measures the keyword/prefix refusal judge against "
+                       "PyRIT's human-labelled refusal/compliance responses (refusal.csv, refusal_extra.csv): "
+                       "accuracy, precision and recall, refusal = positive. PyRIT labels an answer that "
+                       "ignores the request as a refusal too, which no keyword judge can see. Evaluating a "
+                       "model (harmful rate, task accuracy) is not built yet (issue 4).")
+    p.add_argument("--judge-check", action="store_true", required=True,
+                   help="measure the refusal judge on the labelled sets")
+    p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("doctor", help="print what was built and what this machine can run",
                        description="Print the package and torch versions, the CPU instruction set the "
