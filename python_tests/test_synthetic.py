@@ -48,6 +48,15 @@ def test_deterministic_and_independent_of_other_members(family, tmp_path):
     assert digest(other["aligned"]) != digest(family["aligned"])
 
 
+def test_float32_members_do_not_share_memory_with_the_writer(tmp_path):
+    """float32 needs no conversion: each member's values must still reach its writer as a copy,
+    since the writer writes in the background while the next member is built in the same buffer."""
+    together = write_family(tmp_path / "all", "llama-tiny", dtype=torch.float32)
+    for member in ("degraded", "target"):
+        alone = write_family(tmp_path / member, "llama-tiny", dtype=torch.float32, members=(member,))
+        assert digest(alone[member]) == digest(together[member]), member
+
+
 def test_loads_in_transformers(family):
     transformers = pytest.importorskip("transformers")
     model = transformers.AutoModelForCausalLM.from_pretrained(family["degraded"], dtype=torch.bfloat16)

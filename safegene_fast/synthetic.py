@@ -36,7 +36,6 @@ import json
 import os
 import shutil
 import sys
-import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -44,6 +43,7 @@ from pathlib import Path
 import torch
 
 from safegene_fast.io import Planned, ShardedWriter
+from safegene_fast.progress import Progress
 from safegene_fast.io.reader import DTYPE_NAMES
 
 # Bump when the generated values change, so stale caches are regenerated.
@@ -309,24 +309,19 @@ def _generate(root: Path, s: LlamaShape, dtype: torch.dtype, seed: int, members:
         writers = [ShardedWriter(root / m, plan, max_shard_size, copy_from=staging, overwrite=True)
                    for m in members]
         need_buf = any(_role(m) != "aligned" for m in members)
-        start, done, total = time.perf_counter(), 0, s.nbytes(dtype) * len(members)
-        shown = start
-        for name, shape in tensors:
-            aligned = _aligned_tensor(name, shape, seed)
-            buf = torch.empty(shape, dtype=torch.float32) if need_buf else None
-            for m, w in zip(members, writers):
-                w.write(name, _member_tensor(m, name, shape, aligned, buf, seed).to(dtype))
-                done += aligned.numel() * torch.empty((), dtype=dtype).element_size()
-            del aligned, buf
-            if progress and (time.perf_counter() - shown > 1.0 or done == total):
-                shown = time.perf_counter()
-                el = shown - start
-                print(f"\rsynthetic {root.name}: {done / 1e9:.2f}/{total / 1e9:.2f} GB "
-                      f"({el:.0f} s)", end="", file=sys.stderr, flush=True)
+        with Progress(f"synthetic {root.name}", s.nbytes(dtype) * len(members), len(tensors) * len(members),
+                      progress) as bar:
+            for name, shape in tensors:
+                aligned = _aligned_tensor(name, shape, seed)
+                buf = torch.empty(shape, dtype=torch.float32) if need_buf else None
+                for m, w in zip(members, writers):
+                    # A copy of its own for each writer: it writes in the background while buf is
+                    # refilled for the next member (.to(float32) alone would hand it buf itself).
+                    w.write(name, _member_tensor(m, name, shape, aligned, buf, seed).to(dtype, copy=True))
+                    bar.advance(aligned.numel() * dtype.itemsize)
+                del aligned, buf
         for w in writers:
             w.finish()
-        if progress:
-            print(file=sys.stderr)
     except BaseException:
         for w in writers:
             w.abort()
