@@ -26,7 +26,6 @@ from safegene_fast.gene import layer_of
 from safegene_fast.io import Checkpoint
 
 
-
 # A child's ru_maxrss starts at its parent's peak (Linux carries it across fork/vfork + exec), so
 # a command started straight from a big process (pytest, a benchmark that generated models)
 # would report at least that process's peak. Commands are started by this small launcher
@@ -67,8 +66,8 @@ for src in files[n:]:
             pass
 for src in files[:n]:
     with open(src, "rb", buffering=0) as f, open(os.path.join(dst, os.path.basename(src)), "wb", buffering=0) as g:
-        while n := f.readinto(buf):
-            g.write(view[:n])
+        while got := f.readinto(buf):
+            g.write(view[:got])
         os.fsync(g.fileno())
 fd = os.open(dst, os.O_RDONLY)
 os.fsync(fd)

@@ -81,10 +81,11 @@ def load_coeffs(path: str) -> dict[str, float]:
     return {str(k): float(v) for k, v in coeffs.items()}
 
 
-def checkpoint_bytes(path) -> int:
+def checkpoint_bytes(path, names=None) -> int:
+    """Bytes of the checkpoint's tensors, or of those named."""
     from safegene_fast.io import Checkpoint
     with Checkpoint(path) as ckpt:
-        return sum(info.nbytes for info in ckpt.tensors.values())
+        return sum(ckpt.tensors[n].nbytes for n in (ckpt.tensors if names is None else names))
 
 
 def summary(command: str, seconds: float, nbytes: int, out, **extra) -> dict:
@@ -118,7 +119,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
     ranks = [m.rank for m in gene.modules.values()]
     energies = [m.energy for m in gene.modules.values()]
     gene_bytes = sum(m.A.nbytes + m.B.nbytes for m in gene.modules.values())
-    nbytes = _selected_bytes(args.aligned, gene)
+    nbytes = checkpoint_bytes(args.aligned, [f"{m}.weight" for m in gene.modules])  # what extract read of A
     result = summary("extract", seconds, nbytes, args.out, modules=len(ranks),
                      rank_min=min(ranks), rank_max=max(ranks), rank_total=sum(ranks),
                      energy_min=round(min(energies), 6), energy_mean=round(sum(energies) / len(energies), 6),
@@ -126,13 +127,6 @@ def cmd_extract(args: argparse.Namespace) -> int:
     report(args, result, f"wrote gene {args.out} ({len(ranks)} modules, rank {min(ranks)}-{max(ranks)}, "
                          f"mean energy kept {result['energy_mean']:.3f}, {result['gene_mb']:.1f} MB)")
     return 0
-
-
-def _selected_bytes(model, gene) -> int:
-    """Bytes of ``model``'s weights that the gene covers (what extract read per checkpoint)."""
-    from safegene_fast.io import Checkpoint
-    with Checkpoint(model) as ckpt:
-        return sum(ckpt.tensors[f"{m}.weight"].nbytes for m in gene.modules)
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
@@ -229,8 +223,9 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     return 1 if stale else 0
 
 
-def _common(p: argparse.ArgumentParser, *, shards: bool = True, nonfinite: bool = False) -> None:
-    """Options every streaming command shares."""
+def _common(p: argparse.ArgumentParser, *, shards: bool = True, nonfinite: bool = False,
+            overwrite: bool = True) -> None:
+    """Options the streaming commands share."""
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
                    help="where the kernels run (default cpu; cuda needs a CUDA build)")
     if shards:
@@ -239,8 +234,9 @@ def _common(p: argparse.ArgumentParser, *, shards: bool = True, nonfinite: bool 
     if nonfinite:
         p.add_argument("--allow-nonfinite", action="store_true",
                        help="zero NaN/Inf entries of a delta (with a warning) instead of stopping")
-    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print a JSON summary (times, bytes, peak RSS) on stdout")
 
 
@@ -320,9 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", metavar="DIR", help="folder for outputs (default: a temporary folder)")
     p.add_argument("--repeat", type=positive_int, default=3, help="rounds of stages; the median is reported (default 3)")
     p.add_argument("--keep", action="store_true", help="keep the outputs (of the last round)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the kernels run")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
+    _common(p, shards=False, overwrite=False)
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("eval", help="evaluation harness (for now: check the refusal judge)",

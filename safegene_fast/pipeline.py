@@ -39,22 +39,25 @@ def squared_frobenius(delta: torch.Tensor) -> float:
     return float(torch.linalg.vector_norm(rows, dim=1).double().square().sum())
 
 
-def _check_finite(delta: torch.Tensor, inputs: list[tuple[object, torch.Tensor]], name: str, allow: bool) -> int:
+def _check_finite(delta: torch.Tensor, inputs: list[tuple[object, torch.Tensor]], name: str,
+                  allow: bool) -> tuple[int, float]:
     """A delta with NaN or Inf would poison every merge made from it: refuse it, naming the tensor
     and the input file that holds the bad values, or with ``allow`` zero those entries (the merged
-    weight keeps the target's value there) and warn."""
-    if math.isfinite(squared_frobenius(delta)):  # one cheap pass; isfinite() costs 2 bytes/element
-        return 0
+    weight keeps the target's value there) and warn. Returns how many entries were zeroed and
+    ``squared_frobenius`` of the delta as it now is (the same pass tells whether it is finite)."""
+    total = squared_frobenius(delta)
+    if math.isfinite(total):  # one cheap pass; isfinite() costs 2 bytes/element
+        return 0, total
     bad = int((~torch.isfinite(delta)).sum())
     if not bad:  # finite values whose squares overflow
-        return 0
+        return 0, total
     source = next((path for path, t in inputs if not bool(torch.isfinite(t).all())), inputs[0][0])
     if not allow:
         raise CheckpointError(f"{source}: the delta of tensor {name!r} has {bad} NaN or Inf values "
                               f"(pass --allow-nonfinite to zero them).")
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
     warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.", stacklevel=3)
-    return bad
+    return bad, squared_frobenius(delta)
 
 
 def _fingerprint(ckpt: Checkpoint) -> str:
@@ -89,9 +92,9 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
                 name = items[0][0]
                 a, bs = items[0][1].to(device), [t.to(device) for _, t in items[1:]]
                 delta = ops.delta(a, bs)  # the one fp32 matrix; rsvd takes it without a copy
-                nonfinite += _check_finite(delta, list(zip([aligned, *degraded], [a, *bs])), name,
-                                           allow_nonfinite)
-                total = squared_frobenius(delta)
+                zeroed, total = _check_finite(delta, list(zip([aligned, *degraded], [a, *bs])), name,
+                                              allow_nonfinite)
+                nonfinite += zeroed
                 B, A, S = ops.rsvd_lora(delta, rank=rank, energy=energy, max_rank=max_rank,
                                         oversample=oversample, power_iters=power_iters, seed=seed,
                                         dtype=factor_dtype)
@@ -122,8 +125,9 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
         with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer, \
                 Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             for name, w in ckpt.iter_tensors([p.name for p in plan], ring=3):  # read / merge / write
-                m = gene.modules.get(name.removesuffix(".weight"))
-                alpha = gene.coefficient_for(name.removesuffix(".weight"), coeffs) if m else 0.0
+                module = name.removesuffix(".weight")
+                m = gene.modules.get(module)
+                alpha = gene.coefficient_for(module, coeffs) if m else 0.0
                 if alpha != 0.0:
                     w = w.to(device)
                     ops.merge_lowrank_(w, m.scaled_B(alpha).to(device), m.A.to(device), 1.0)

@@ -12,15 +12,17 @@ import json
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
 MAX_HEADER_BYTES = 100 * 1024 * 1024  # the safetensors format's own cap
+T = TypeVar("T")
 
 DTYPES = {
     "BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32, "F64": torch.float64,
@@ -214,14 +216,9 @@ class Checkpoint:
                 buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
             return self.read(names[i], into=buffers[slot])
 
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(read, 0) if names else None
-            for i, name in enumerate(names):
-                tensor = pending.result()
-                # Slot (i + 1) % ring held tensor i + 1 - ring, which the caller is done with.
-                pending = pool.submit(read, i + 1) if i + 1 < len(names) else None
-                yield name, tensor
-                del tensor
+        # read(i + 1) starts when tensor i is asked for: its slot held tensor i + 1 - ring, which
+        # the caller is done with by then.
+        yield from zip(names, read_ahead(read, len(names)))
 
     def close(self) -> None:
         for fd in self._fds.values():
@@ -266,9 +263,15 @@ def iter_pieces(ckpts: list[Checkpoint], name: str, chunk: int) -> Iterator[tupl
         count = min(chunk, numel - starts[k])
         return tuple(c.read(name, bufs[k % 2], starts[k], count) for c, bufs in zip(ckpts, buffers))
 
+    yield from read_ahead(read, len(starts))
+
+
+def read_ahead(read: Callable[[int], T], count: int) -> Iterator[T]:
+    """``read(0)``, ..., ``read(count - 1)`` in order; ``read(i + 1)`` runs in a background
+    thread, started when item ``i`` is asked for, while the caller works on item ``i``."""
     with ThreadPoolExecutor(max_workers=1) as pool:
-        pending = pool.submit(read, 0) if starts else None
-        for k in range(len(starts)):
-            pieces = pending.result()
-            pending = pool.submit(read, k + 1) if k + 1 < len(starts) else None
-            yield pieces
+        pending = pool.submit(read, 0) if count else None
+        for i in range(count):
+            item = pending.result()
+            pending = pool.submit(read, i + 1) if i + 1 < count else None
+            yield item
