@@ -82,3 +82,37 @@ def test_rsvd(benchmark, w_d):
 def test_torch_svd_lowrank(benchmark, w_d):
     a = w_d[0].float()
     benchmark(torch.svd_lowrank, a, q=24, niter=2)
+
+
+@pytest.fixture(scope="module")
+def w_a_b():
+    return rand(ROWS, COLS), rand(ROWS, COLS, seed=1), rand(ROWS, COLS, seed=2)
+
+
+@pytest.mark.benchmark(group="merge_diff bf16 4096x4096")
+def test_merge_diff(benchmark, w_a_b):
+    w, a, b = w_a_b
+    out = torch.empty_like(w)
+    benchmark(sg.ops.merge_diff, w, a, b, 1e-3, out)
+
+
+@pytest.mark.benchmark(group="merge_diff bf16 4096x4096")
+def test_merge_diff_two_ops(benchmark, w_a_b):
+    # what resta did before merge_diff: the float32 delta, then merge_dense_
+    w, a, b = w_a_b
+    out, d = torch.empty_like(w), torch.empty(ROWS, COLS)
+    benchmark(lambda: sg.merge_dense_(out.copy_(w), sg.ops.delta_out(a, [b], d), 1e-3))
+
+
+@pytest.mark.benchmark(group="merge_diff bf16 4096x4096")
+def test_merge_diff_unfused_torch(benchmark, w_a_b):
+    w, a, b = w_a_b
+    out = torch.empty_like(w)
+    benchmark(lambda: out.copy_((w.float() + 1e-3 * (a.float() - b.float())).to(w.dtype)))
+
+
+@pytest.mark.benchmark(group="merge_diff bf16 4096x4096")
+def test_merge_diff_copy_floor_same_bytes(benchmark, w_a_b):
+    # merge_diff reads w, a and b and writes out: a copy reading 2x and writing 2x w's bytes
+    src, dst = rand(ROWS * COLS * 2), torch.empty(ROWS * COLS * 2, dtype=torch.bfloat16)
+    benchmark(dst.copy_, src)

@@ -18,6 +18,11 @@ TORCH_LIBRARY(safegene_fast, m) {
   // w: any shape, updated in place. d: w's shape, any supported dtype.
   // w = round(w + alpha * d), bit-identical to (w.float() + alpha * d.float()).to(w.dtype).
   m.def("merge_dense_(Tensor(a!) w, Tensor d, float alpha) -> ()");
+  // w: any shape. a, b: w's shape, any supported dtypes. out: w's dtype and shape (may be w).
+  // out = round(w + alpha * (a - b)) with a - b in float32, bit-identical to merge_dense_(w,
+  // delta(a, [b]), alpha) in one pass; where a - b is NaN or Inf, out = w unchanged. Returns
+  // the number of such elements (int64, 0-dim, on w's device). RESTA's T + alpha (A - D).
+  m.def("merge_diff(Tensor w, Tensor a, Tensor b, float alpha, Tensor(a!) out) -> Tensor");
   // w: (out, in), updated in place. B: (out, r). A: (r, in).
   // w = round(w + alpha * B @ A), over row blocks with a bounded fp32 workspace.
   m.def("merge_lowrank_(Tensor(a!) w, Tensor B, Tensor A, float alpha) -> ()");

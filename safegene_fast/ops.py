@@ -73,6 +73,23 @@ def merge_dense_(w: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor
     return w
 
 
+def merge_diff(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
+               out: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
+    """``out = round(w + alpha * (a - b))``; returns ``(out, nonfinite)``.
+
+    w: any shape. a, b: w's shape, any supported dtypes. out: w's shape and dtype, contiguous
+    (default: a new tensor; may be w itself). ``a - b`` is taken in float32, so the result is
+    bit-identical to ``merge_dense_(w, delta(a, [b]), alpha)``, in one pass with no float32
+    delta in memory. Where ``a - b`` is NaN or Inf, ``out`` keeps w's value; ``nonfinite``
+    counts those elements. RESTA's ``T + alpha * (A - D)``.
+    """
+    if out is None:
+        out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    _require_built_device(w, a, b, out)
+    bad = _ops.merge_diff(w, a, b, float(alpha), out)
+    return out, int(bad)
+
+
 def merge_lowrank_(w: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float) -> torch.Tensor:
     """In place ``w = round(w + alpha * B @ A)``; returns ``w``.
 
@@ -144,6 +161,11 @@ def _delta_out_fake(a, b, out):
 @torch.library.register_fake("safegene_fast::merge_dense_")
 def _merge_dense_fake(w, d, alpha):
     return None
+
+
+@torch.library.register_fake("safegene_fast::merge_diff")
+def _merge_diff_fake(w, a, b, alpha, out):
+    return w.new_empty((), dtype=torch.int64)
 
 
 @torch.library.register_fake("safegene_fast::merge_lowrank_")

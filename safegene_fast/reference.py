@@ -23,6 +23,14 @@ def merge_dense(w: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor:
     return (w.float() + alpha * d.float()).to(w.dtype)
 
 
+def merge_diff(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float) -> tuple[torch.Tensor, int]:
+    """``round(w + alpha * (a - b))`` as torch computes it with ``a - b`` in float32 (the
+    bit-exact specification), w's value where ``a - b`` is not finite; and how many those are."""
+    d = a.float() - b.float()
+    bad = ~torch.isfinite(d)
+    return torch.where(bad, w, merge_dense(w, d, alpha)), int(bad.sum())
+
+
 def merge_lowrank(w: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: float) -> torch.Tensor:
     """float64 ``w + alpha * B @ A``, rounded once to w's dtype."""
     return (w.double() + alpha * (B.double() @ A.double())).to(w.dtype)

@@ -81,6 +81,20 @@ inline void check_merge_dense(const at::Tensor& w, const at::Tensor& d) {
   check_operand(d, w, op, "d", "w");
 }
 
+// The checks of merge_diff: w, a, b and out contiguous, supported dtypes, same shape and
+// device; out has w's dtype.
+inline void check_merge_diff(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b,
+                             const at::Tensor& out) {
+  const char* op = "merge_diff";
+  check_float(w, op, "w");
+  check_contiguous(w, op, "w");
+  check_operand(a, w, op, "a", "w");
+  check_operand(b, w, op, "b", "w");
+  check_operand(out, w, op, "out", "w");
+  TORCH_CHECK_TYPE(out.scalar_type() == w.scalar_type(), op, ": out has dtype ",
+                   out.scalar_type(), " but w has dtype ", w.scalar_type(), "; they must match.");
+}
+
 // Dispatches on a supported float dtype, binding T to safegene's storage type for it.
 #define SG_DISPATCH_FLOAT(dtype, T, ...)                                  \
   [&] {                                                                   \

@@ -126,4 +126,21 @@ SG_HD W merged_value(W w, D d, float alpha) {
 // The one formula of delta: a - (b_1 + ... + b_K) / K, summed in fp32 in source order.
 SG_HD float delta_value(float a, float sum_b, float k) { return sub_rn(a, div_rn(sum_b, k)); }
 
+// Elementwise select that keeps the storage type (plain bits for the 16-bit types, so loops
+// with it still vectorize).
+SG_HD float select(bool c, float x, float y) { return c ? x : y; }
+SG_HD bf16_t select(bool c, bf16_t x, bf16_t y) { return bf16_t{uint16_t(c ? x.bits : y.bits)}; }
+SG_HD f16_t select(bool c, f16_t x, f16_t y) { return f16_t{uint16_t(c ? x.bits : y.bits)}; }
+
+SG_HD bool is_finite_f32(float v) { return (f32_bits(v) & 0x7F800000u) != 0x7F800000u; }
+
+// The one formula of merge_diff: w + alpha * (a - b) as merge_dense_(w, delta(a, [b]), alpha)
+// computes it, or w itself where a - b is not finite (ok is false then).
+template <class W, class A, class B>
+SG_HD W merged_diff_value(W w, A a, B b, float alpha, bool& ok) {
+  const float d = sub_rn(to_f32(a), to_f32(b));
+  ok = is_finite_f32(d);
+  return select(ok, merged_value(w, d, alpha), w);
+}
+
 }  // namespace safegene
