@@ -7,6 +7,7 @@ import math
 import os
 import re
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
 
@@ -15,13 +16,13 @@ import torch
 import safegene_fast
 from safegene_fast import ops
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
-from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout, iter_pieces
+from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
 from safegene_fast.progress import Progress
 
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
 # projections); embeddings, the LM head and norms are outside this pattern or 1-D.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
-RESTA_CHUNK = 4 * 2**20  # elements resta reads of A and D, and holds of the fp32 delta, at a time
+RESTA_CHUNK = 4 * 2**20  # elements of T, A and D resta maps and merges at a time
 
 
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
@@ -168,26 +169,73 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
           alpha: float, out: str | os.PathLike, *, max_shard_size: int = 5 * 10**9,
           device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
           progress: bool = False) -> Path:
-    """The dense RESTA baseline: every floating tensor becomes ``T + alpha * (A - D)``."""
-    with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt:
+    """The dense RESTA baseline: every floating tensor becomes ``T + alpha * (A - D)``.
+
+    T, A and D are seen in place in the page cache (``Checkpoint.view``), RESTA_CHUNK elements
+    at a time, and ``merge_diff`` writes each result straight into one of two reused output
+    buffers (one being computed, one being written behind): nothing is copied on the way in and
+    no float32 delta exists. Each piece's mapped pages are released once merged, so memory stays
+    at two output tensors plus three pieces. The next tensor's pages are requested from the
+    kernel (``prefetch``) in the background while the current one is merged.
+    """
+    with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt, \
+            ThreadPoolExecutor(max_workers=1) as prefetcher:
+        ckpts = (t_ckpt, a_ckpt, d_ckpt)
         check_same_layout(t_ckpt, a_ckpt, d_ckpt)
         plan = [Planned(n, i.dtype, i.shape) for n, i in t_ckpt.tensors.items()]
         names = [p.name for p in plan]
+        ring = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]  # compute / write-behind
         with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer, \
                 Progress("resta", sum(p.nbytes for p in plan), len(plan), progress) as bar:
-            for name, w in t_ckpt.iter_tensors(names, ring=3):  # read / merge / write
-                if w.dtype in (torch.bfloat16, torch.float16, torch.float32) and w.numel():
-                    w = w.to(device).view(-1)
-                    # In chunks: A and D are read piece by piece, and the fp32 delta never holds
-                    # more than RESTA_CHUNK elements, so only the target is held whole.
-                    buf = torch.empty(min(w.numel(), RESTA_CHUNK), dtype=torch.float32, device=device)
-                    pieces = iter_pieces([a_ckpt, d_ckpt], name, RESTA_CHUNK)
-                    for lo, (a, d) in zip(range(0, w.numel(), RESTA_CHUNK), pieces):
-                        a, d = a.to(device), d.to(device)
-                        delta = ops.delta_out(a, d, buf[:a.numel()])
-                        _check_finite(delta, [(aligned, a), (degraded, d)], name, allow_nonfinite)
-                        ops.merge_dense_(w[lo:lo + a.numel()], delta, alpha)
-                    w = w.view(t_ckpt.tensors[name].shape)
-                writer.write(name, w)
-                bar.advance(t_ckpt.tensors[name].nbytes)
+            pending = prefetcher.submit(_prefetch, ckpts, names[:1])
+            for i, name in enumerate(names):
+                pending.result()
+                pending = prefetcher.submit(_prefetch, ckpts, names[i + 1:i + 2])
+                info = t_ckpt.tensors[name]
+                if ring[i % 2].numel() < info.nbytes:
+                    ring[i % 2] = torch.empty(0, dtype=torch.uint8)  # free the small one first
+                    ring[i % 2] = torch.empty(info.nbytes, dtype=torch.uint8)
+                w = ring[i % 2][:info.nbytes].view(info.dtype)  # flat; the write of i - 2 is done
+                numel = w.numel()
+                if info.dtype in (torch.bfloat16, torch.float16, torch.float32):
+                    bad = 0
+                    for lo in range(0, numel, RESTA_CHUNK):
+                        n = min(RESTA_CHUNK, numel - lo)
+                        t, a, d = (c.view(name, lo, n) for c in ckpts)
+                        if device == "cpu":
+                            _, piece_bad = ops.merge_diff(t, a, d, alpha, w[lo:lo + n])
+                        else:
+                            merged, piece_bad = ops.merge_diff(t.to(device), a.to(device), d.to(device), alpha)
+                            w[lo:lo + n].copy_(merged)
+                        if piece_bad:  # merge_diff kept T where A - D is NaN or Inf
+                            source = _nonfinite_source([(aligned, a), (degraded, d)])
+                            if not allow_nonfinite:
+                                raise CheckpointError(
+                                    f"{source}: the delta of tensor {name!r} has {piece_bad} NaN or Inf "
+                                    f"values (pass --allow-nonfinite to zero them).")
+                            bad += piece_bad
+                        del t, a, d
+                        for c in ckpts:
+                            c.release(name, lo, n)
+                    if bad:
+                        warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of "
+                                      f"tensor {name!r}.", stacklevel=2)
+                elif numel:  # integer and other tensors: the target's, unchanged
+                    w.copy_(t_ckpt.view(name).view(-1))
+                    t_ckpt.release(name)
+                writer.write(name, w.view(info.shape))
+                bar.advance(info.nbytes)
+            pending.result()
     return Path(out)
+
+
+def _prefetch(ckpts: tuple[Checkpoint, ...], names: list[str]) -> None:
+    for name in names:
+        for c in ckpts:
+            c.prefetch(name)
+
+
+def _nonfinite_source(inputs: list[tuple[object, torch.Tensor]]) -> object:
+    """The first input file whose piece holds a NaN or Inf (the first input when only their
+    difference overflows)."""
+    return next((path for path, t in inputs if not bool(torch.isfinite(t).all())), inputs[0][0])

@@ -1,14 +1,17 @@
 """Reading Hugging Face safetensors checkpoints, validated before anything is trusted.
 
 A checkpoint is a folder with ``model.safetensors``, or with shards and
-``model.safetensors.index.json``, or a single ``.safetensors`` file. Each shard is opened once
-and read with ``os.preadv`` straight into tensor memory: nothing is memory-mapped, so resident
-memory stays bounded by the tensors in flight, not by the file sizes.
+``model.safetensors.index.json``, or a single ``.safetensors`` file. Each shard is opened once.
+Tensors are read with ``os.preadv`` straight into tensor memory (``read``, ``iter_tensors``),
+or seen in place through a read-only mapping of the shard (``view``), whose pages the caller
+hands back with ``release`` once used: either way resident memory stays bounded by the tensors
+(or pieces) in flight, not by the file sizes. (Mapped pages count toward RSS while mapped.)
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
@@ -126,6 +129,7 @@ class Checkpoint:
         if self._index is not None:
             self._check_index()
         self._fds: dict[Path, int] = {}
+        self._maps: dict[Path, mmap.mmap] = {}
 
     def _shard_files(self) -> list[Path]:
         self._index = None
@@ -179,9 +183,7 @@ class Checkpoint:
         nbytes, offset = count * size, info.offset + start * size
         out = torch.empty(nbytes, dtype=torch.uint8) if into is None else into[:nbytes]
         if nbytes:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+            fd = self._fd(info.file)
             view = memoryview(out.numpy())
             done = 0
             while done < nbytes:  # preadv may return short reads
@@ -191,6 +193,54 @@ class Checkpoint:
                 done += got
         out = out.view(info.dtype)
         return out.reshape(info.shape) if whole else out
+
+    def _fd(self, file: Path) -> int:
+        fd = self._fds.get(file)
+        if fd is None:
+            fd = self._fds[file] = os.open(file, os.O_RDONLY)
+        return fd
+
+    def _range(self, name: str, start: int, count: int | None) -> tuple[TensorInfo, int, int]:
+        """(info, byte offset in its file, byte count) of elements [start, start + count)."""
+        info = self.tensors[name]
+        size = info.dtype.itemsize
+        count = info.nbytes // size - start if count is None else count
+        return info, info.offset + start * size, count * size
+
+    def view(self, name: str, start: int = 0, count: int | None = None) -> torch.Tensor:
+        """Tensor ``name`` (or elements [start, start + count) of it, flattened) in place in the
+        page cache, through a mapping of its shard: no copy, nothing read until touched. Treat it
+        as read-only (the mapping is private: a write would change only this process's copy).
+        Its pages count toward RSS once touched; ``release`` the range when done with it."""
+        info, offset, nbytes = self._range(name, start, count)
+        if not nbytes:
+            return torch.empty(0 if count is not None or start else info.shape, dtype=info.dtype)
+        m = self._maps.get(info.file)
+        if m is None:
+            size = os.fstat(self._fd(info.file)).st_size
+            if size < offset + nbytes:
+                raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk.")
+            m = self._maps[info.file] = mmap.mmap(self._fd(info.file), 0, access=mmap.ACCESS_COPY)
+            m.madvise(mmap.MADV_SEQUENTIAL)  # read ahead far on faults when not in the page cache
+        out = torch.frombuffer(m, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
+        return out.view(info.shape) if start == 0 and count is None else out
+
+    def release(self, name: str, start: int = 0, count: int | None = None) -> None:
+        """Unmaps the pages of a ``view`` range from this process (they stay in the page cache):
+        its RSS drops by them. Views of the range stay valid (touching them maps pages again)."""
+        info, offset, nbytes = self._range(name, start, count)
+        m = self._maps.get(info.file)
+        if m is None or not nbytes:
+            return
+        begin = offset - offset % mmap.PAGESIZE
+        m.madvise(mmap.MADV_DONTNEED, begin, min(offset + nbytes, len(m)) - begin)
+
+    def prefetch(self, name: str) -> None:
+        """Asks the kernel to start reading tensor ``name`` into the page cache (returns at once
+        for cached data; does the reading's bookkeeping for the rest, so call it off the hot path)."""
+        info = self.tensors[name]
+        if info.nbytes:
+            os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
 
     def iter_tensors(self, names: Iterable[str], ring: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) in order, reading the next tensor while the caller works.
@@ -221,6 +271,12 @@ class Checkpoint:
         yield from zip(names, read_ahead(read, len(names)))
 
     def close(self) -> None:
+        for m in self._maps.values():
+            try:
+                m.close()
+            except BufferError:  # a view is still alive: the mapping goes when the last one does
+                pass
+        self._maps.clear()
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
