@@ -11,11 +11,15 @@ process and any children it waited for) are its own:
 - ours resta:    target + alpha * (aligned - degraded), every tensor dense;
 - copy floor:    a plain streaming copy of target's files (16 MiB reads and writes, fsync):
                  what any streaming merge must pay at least;
+- copy floor + read A, D: the same copy after reading aligned's and degraded's files the same
+                 way: the bytes resta moves (the targets are judged on the plain copy floor);
 - mergekit task_arithmetic: base degraded, target weight 1, aligned weight alpha, normalize
                  false, dtype bfloat16: the same T + alpha * (A - D) as resta;
 - mergekit-extract-lora: base degraded, model aligned, --max-rank r, on the same modules as ours.
 
 Every input checkpoint is read once before each row so all rows start from a warm page cache.
+Outputs are removed right after their row, except the last round's, which are checked first
+(at most two checkpoints' worth on disk at a time: the 70B-shaped family fits a small disk).
 GB/s is the checkpoint's tensor bytes over wall time for every merge row (resta and mergekit
 also read aligned and degraded: three times the input bytes of apply / copy). Extraction error is
 the Frobenius error of B @ A against aligned - degraded (float64) over the optimal rank-r error
@@ -374,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
                 "-e", "embed_tokens|lm_head", "--skip-undecomposable", "--quiet"]
 
     rows: dict[str, list[dict]] = {k: [] for k in ("ours_extract", "ours_apply", "ours_resta", "copy_floor",
+                                                   "copy_floor_read3",
                                                    "mergekit_task_arithmetic", "mergekit_extract_lora",
                                                    "ours_startup", "mergekit_startup")}
     commands: dict[str, str] = {}
@@ -408,29 +413,43 @@ def main(argv: list[str] | None = None) -> int:
     # --- merges
     print(f"merge rows on {args.shape}, alpha {args.alpha}, {args.repeat} run(s) each:", flush=True)
     out_apply, out_resta, out_copy, out_mk = (work / n for n in ("apply", "resta", "copy", "mergekit-merge"))
-    for _ in range(args.repeat):
+    target_files = [str(f) for f in shard_files(T)]
+    ad_files = [str(f) for f in shard_files(A) + shard_files(D)]
+    for round_ in range(args.repeat):
+        last = round_ == args.repeat - 1
         # process start-up alone (interpreter, torch and the tool's imports, argument parsing)
         measure("ours_startup", [exe, "--help"], (), None)
         if have_mk:
             measure("mergekit_startup", [str(mergekit_bin("mergekit-yaml")), "--help"], (), None, env=mk_env)
-        target_files = [str(f) for f in shard_files(T)]
         measure("copy_floor", [py, "-S", "-c", COPY_FLOOR, str(out_copy), str(len(target_files)), *target_files],
                 (family["target"],), out_copy)
-        measure("ours_apply", cmd_apply(out_apply), (family["target"], gene), out_apply)
+        rm(out_copy)
+        r = measure("ours_apply", cmd_apply(out_apply), (family["target"], gene), out_apply)
+        if last and r["rc"] == 0:
+            extras["apply_check"] = check_apply(family, gene, out_apply, args.alpha, sample_modules(shape)[1])
+        rm(out_apply)
+        measure("copy_floor_read3", [py, "-S", "-c", COPY_FLOOR, str(out_copy), str(len(target_files)),
+                                     *target_files, *ad_files],
+                (family["target"], family["aligned"], family["degraded"]), out_copy)
+        rm(out_copy)
         measure("ours_resta", cmd_resta(out_resta), (family["target"], family["aligned"], family["degraded"]),
                 out_resta)
+        if not last:
+            rm(out_resta)
         if have_mk:
             r = measure("mergekit_task_arithmetic", cmd_mk_merge(out_mk),
                         (family["target"], family["aligned"], family["degraded"]), out_mk, env=mk_env)
             if r["rc"] == 0:  # mergekit does not fsync its output; ours and the copy floor do
                 r["fsync_after_s"] = round(fsync_tree(out_mk), 3)
+            if not last:
+                rm(out_mk)
     commands["copy_floor"] = f"{shlex.quote(py)} -S -c <safegene_fast.bench.COPY_FLOOR> OUT {T}/*.safetensors"
+    commands["copy_floor_read3"] = (f"{shlex.quote(py)} -S -c <safegene_fast.bench.COPY_FLOOR> OUT {T}/*.safetensors "
+                                    f"{A}/*.safetensors {D}/*.safetensors  (reads A and D, then copies T)")
 
     # --- correctness checks
     print("checking outputs ...", flush=True)
     t0 = time.perf_counter()
-    if rows["ours_apply"] and rows["ours_apply"][-1]["rc"] == 0:
-        extras["apply_check"] = check_apply(family, gene, out_apply, args.alpha, sample_modules(shape)[1])
     resta_outputs = {}
     if rows["ours_resta"] and rows["ours_resta"][-1]["rc"] == 0:
         resta_outputs["ours_resta"] = out_resta
@@ -458,7 +477,7 @@ def main(argv: list[str] | None = None) -> int:
     for k in summary:  # net of start-up: the streaming work alone (the copy floor has ~none)
         if summary[k]["wall_s"] and not k.endswith("_startup"):
             summary[k]["net_s"] = max(1e-3, summary[k]["wall_s"] - (0.0 if k == "copy_floor" else startup[k]))
-    for k in ("ours_apply", "ours_resta", "copy_floor", "mergekit_task_arithmetic"):
+    for k in ("ours_apply", "ours_resta", "copy_floor", "copy_floor_read3", "mergekit_task_arithmetic"):
         if k in summary and summary[k]["wall_s"]:
             summary[k]["gb_per_s"] = nbytes / summary[k]["wall_s"] / 1e9
             summary[k]["net_gb_per_s"] = nbytes / summary[k]["net_s"] / 1e9
@@ -476,11 +495,13 @@ def main(argv: list[str] | None = None) -> int:
     ratios["resta_rss_vs_mergekit"] = ratio("ours_resta", "mergekit_task_arithmetic", "peak_rss_mb")
     ratios["apply_vs_copy_floor"] = ratio("ours_apply", "copy_floor", invert=True)
     ratios["resta_vs_copy_floor"] = ratio("ours_resta", "copy_floor", invert=True)
+    ratios["resta_vs_copy_floor_read3"] = ratio("ours_resta", "copy_floor_read3", invert=True)
     ratios["extract_speedup_vs_mergekit"] = ratio("ours_extract", "mergekit_extract_lora", invert=True)
     for key, (a, b) in {"apply_speedup_vs_mergekit": ("ours_apply", "mergekit_task_arithmetic"),
                         "resta_speedup_vs_mergekit": ("ours_resta", "mergekit_task_arithmetic"),
                         "apply_vs_copy_floor": ("ours_apply", "copy_floor"),
                         "resta_vs_copy_floor": ("ours_resta", "copy_floor"),
+                        "resta_vs_copy_floor_read3": ("ours_resta", "copy_floor_read3"),
                         "extract_speedup_vs_mergekit": ("ours_extract", "mergekit_extract_lora")}.items():
         ratios[key + "_net_of_startup"] = ratio(a, b, "net_s", invert=True)
     errs = extras.get("extract_errors", {})
@@ -500,7 +521,7 @@ def main(argv: list[str] | None = None) -> int:
           f"{os.cpu_count()} CPUs; median of {args.repeat} run(s)")
     print(f"{'row':<28}{'seconds':>9}{'GB/s':>8}{'peak RSS MB':>13}{'vs copy':>9}"
           f"{'net s':>9}{'net GB/s':>10}{'net vs copy':>13}")
-    for k in ("copy_floor", "ours_apply", "ours_resta", "mergekit_task_arithmetic", "ours_extract",
+    for k in ("copy_floor", "copy_floor_read3", "ours_apply", "ours_resta", "mergekit_task_arithmetic", "ours_extract",
               "mergekit_extract_lora", "ours_startup", "mergekit_startup"):
         if k not in summary or summary[k]["wall_s"] is None:
             if k in summary:
