@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout, iter_pieces
+from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
 
 from conftest import peak_rss_growth
 
@@ -62,20 +62,69 @@ def test_reads_every_tensor_exactly(tmp_path, layout, ring):
             previous = name, t
 
 
-@pytest.mark.parametrize("chunk", [1, 7, 1000, 5000])
-def test_pieces_of_several_checkpoints(tmp_path, chunk):
-    """iter_pieces: the same tensor of each checkpoint, flattened, chunk by chunk, ragged end."""
-    a = {"w": torch.randn(37, 101).to(torch.bfloat16)}
-    d = {"w": torch.randn(37, 101)}
-    save_file(a, str(tmp_path / "a.safetensors"))
-    save_file(d, str(tmp_path / "d.safetensors"))
-    with Checkpoint(tmp_path / "a.safetensors") as ca, Checkpoint(tmp_path / "d.safetensors") as cd:
-        got_a, got_d = [], []
-        for pa, pd in iter_pieces([ca, cd], "w", chunk):
-            assert pa.numel() == pd.numel() <= chunk and pa.dtype == torch.bfloat16 and pd.dtype == torch.float32
-            got_a.append(pa.clone())
-            got_d.append(pd.clone())
-    assert torch.equal(torch.cat(got_a), a["w"].view(-1)) and torch.equal(torch.cat(got_d), d["w"].view(-1))
+def test_views_and_release(tmp_path):
+    """view: a tensor (or a range of its elements) in place through a mapping of its shard,
+    equal to what read gives; release drops the mapped pages from RSS, views stay valid."""
+    ts = {"a": torch.randn(37, 101).to(torch.bfloat16), "b": torch.arange(1000, dtype=torch.int64),
+          "c": torch.randn(3000), "e": torch.zeros(0, 4)}
+    save_file(ts, str(tmp_path / "model.safetensors"))
+    with Checkpoint(tmp_path) as ckpt:
+        for name, t in ts.items():
+            v = ckpt.view(name)
+            assert v.dtype == t.dtype and torch.equal(v, t)
+        piece = ckpt.view("a", 100, 250)
+        assert piece.shape == (250,) and torch.equal(piece, ts["a"].view(-1)[100:350])
+        ckpt.release("a", 100, 250)
+        assert torch.equal(piece, ts["a"].view(-1)[100:350])  # touched again after release
+        ckpt.prefetch("c")
+        big = ckpt.view("c")
+        ckpt.release("c")
+        assert torch.equal(big, ts["c"])
+    del piece, big, v  # the mapping goes with the last view
+
+
+def test_release_returns_mapped_pages(tmp_path):
+    t = torch.randn(64 * 2**20 // 4)  # 64 MiB
+    save_file({"t": t}, str(tmp_path / "model.safetensors"))
+
+    def rss_file_mib() -> float:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssFile:"):
+                return int(line.split()[1]) / 1024
+        pytest.skip("no RssFile in /proc/self/status")
+
+    with Checkpoint(tmp_path) as ckpt:
+        before = rss_file_mib()
+        float(ckpt.view("t").sum())  # touches every page
+        touched = rss_file_mib()
+        ckpt.release("t")
+        released = rss_file_mib()
+    assert touched - before > 48 and released - before < 8, (before, touched, released)
+
+
+def test_write_part(tmp_path):
+    """write_part: a tensor in pieces of any size (also in another dtype), between whole ones."""
+    ts = {"x": torch.randn(33, 17).to(torch.bfloat16), "y": torch.arange(10), "z": torch.randn(5)}
+    plan = [Planned(n, t.dtype, tuple(t.shape)) for n, t in ts.items()]
+    with ShardedWriter(tmp_path / "out", plan, max_shard_size=1000) as w:
+        flat = ts["x"].view(-1)
+        for lo in range(0, flat.numel(), 100):
+            w.write_part("x", flat[lo:lo + 100].clone())
+        w.write_part("y", ts["y"][:3].view(torch.uint8).clone())
+        w.write_part("y", ts["y"][3:].clone())
+        w.write("z", ts["z"])
+    with Checkpoint(tmp_path / "out") as ckpt:
+        for name, t in ts.items():
+            assert torch.equal(ckpt.read(name), t)
+    with pytest.raises(CheckpointError, match="tensor 'y' got 88 bytes but was planned with 80"):
+        with ShardedWriter(tmp_path / "bad", plan) as w:
+            w.write("x", ts["x"])
+            w.write_part("y", torch.zeros(11, dtype=torch.int64))
+    with pytest.raises(CheckpointError, match="incomplete, tensor 'y' was only written in part"):
+        with ShardedWriter(tmp_path / "bad", plan) as w:
+            w.write("x", ts["x"])
+            w.write_part("y", torch.zeros(3, dtype=torch.int64))
+    assert not (tmp_path / "bad").exists()
 
 
 def test_reused_buffers_grow_and_take_turns(tmp_path):

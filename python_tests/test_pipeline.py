@@ -88,8 +88,11 @@ def test_gene_round_trips_as_a_peft_adapter(family, tmp_path):
         gene.save(tmp_path / "gene")
 
 
-def test_apply_merged_matches_float64_reference(family, tmp_path):
+@pytest.mark.parametrize("piece", [None, 50])  # 50: a few whole rows per piece, ragged last piece
+def test_apply_merged_matches_float64_reference(family, tmp_path, monkeypatch, piece):
     paths, models, dtype = family
+    if piece:
+        monkeypatch.setattr(pipeline, "PIECE", piece)
     gene = extract(paths["aligned"], [paths["degraded1"]], rank=5)
     coeffs = {"0": 0.5, "1": 1.5}  # layer 2 absent: unchanged
     out = apply_merged(paths["target"], gene, tmp_path / "merged", coeffs, max_shard_size=3000)
@@ -107,11 +110,11 @@ def test_apply_merged_matches_float64_reference(family, tmp_path):
             assert ((got.double() - exact).abs() <= allowed).all(), name
 
 
-@pytest.mark.parametrize("chunk", [None, 37])  # 37: many chunks with a ragged last one
-def test_resta_is_bit_exact(family, tmp_path, monkeypatch, chunk):
+@pytest.mark.parametrize("piece", [None, 37])  # 37: many pieces with a ragged last one
+def test_resta_is_bit_exact(family, tmp_path, monkeypatch, piece):
     paths, models, _ = family
-    if chunk:
-        monkeypatch.setattr(pipeline, "RESTA_CHUNK", chunk)
+    if piece:
+        monkeypatch.setattr(pipeline, "PIECE", piece)
     out = resta(paths["target"], paths["aligned"], paths["degraded1"], 0.7, tmp_path / "resta")
     with Checkpoint(out) as merged:
         for name, t in models["target"].items():

@@ -22,7 +22,7 @@ from safegene_fast.progress import Progress
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
 # projections); embeddings, the LM head and norms are outside this pattern or 1-D.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
-RESTA_CHUNK = 4 * 2**20  # elements of T, A and D resta maps and merges at a time
+PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
 
 
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
@@ -119,21 +119,42 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
 def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
                  coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = 5 * 10**9,
                  device: str = "cpu", overwrite: bool = False, progress: bool = False) -> Path:
-    """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module."""
+    """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module.
+
+    In pieces of about PIECE elements (whole rows): each is read into one of two reused buffers,
+    merged in place there (``merge_lowrank_`` on its rows of B) and written behind while the
+    next piece is read and merged, so memory stays at two pieces whatever the tensor sizes."""
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
+        ring = _PieceRing()
         with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer, \
                 Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
-            for name, w in ckpt.iter_tensors([p.name for p in plan], ring=3):  # read / merge / write
-                module = name.removesuffix(".weight")
+            for p in plan:
+                info = ckpt.tensors[p.name]
+                module = p.name.removesuffix(".weight")
                 m = gene.modules.get(module)
                 alpha = gene.coefficient_for(module, coeffs) if m else 0.0
+                numel = info.nbytes // info.dtype.itemsize
                 if alpha != 0.0:
-                    w = w.to(device)
-                    ops.merge_lowrank_(w, m.scaled_B(alpha).to(device), m.A.to(device), 1.0)
-                writer.write(name, w)
-                bar.advance(ckpt.tensors[name].nbytes)
+                    B, A = m.scaled_B(alpha).to(device), m.A.to(device)
+                    row = info.shape[1]
+                    step = max(1, PIECE // row) * row  # whole rows
+                else:
+                    step = PIECE
+                for lo in range(0, numel, step):
+                    n = min(step, numel - lo)
+                    w = ckpt.read(p.name, into=ring.next(n * info.dtype.itemsize, torch.uint8), start=lo, count=n)
+                    if alpha != 0.0:
+                        rows = slice(lo // row, (lo + n) // row)
+                        w_dev = w.view(-1, row).to(device)
+                        ops.merge_lowrank_(w_dev, B[rows], A, 1.0)
+                        if w_dev.data_ptr() != w.data_ptr():
+                            w.copy_(w_dev.view(-1))
+                    writer.write_part(p.name, w)
+                if not numel:
+                    writer.write(p.name, torch.empty(info.shape, dtype=info.dtype))
+                bar.advance(info.nbytes)
     return Path(out)
 
 
@@ -171,12 +192,12 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
           progress: bool = False) -> Path:
     """The dense RESTA baseline: every floating tensor becomes ``T + alpha * (A - D)``.
 
-    T, A and D are seen in place in the page cache (``Checkpoint.view``), RESTA_CHUNK elements
-    at a time, and ``merge_diff`` writes each result straight into one of two reused output
-    buffers (one being computed, one being written behind): nothing is copied on the way in and
-    no float32 delta exists. Each piece's mapped pages are released once merged, so memory stays
-    at two output tensors plus three pieces. The next tensor's pages are requested from the
-    kernel (``prefetch``) in the background while the current one is merged.
+    Streams in pieces of PIECE elements: T, A and D are seen in place in the page cache
+    (``Checkpoint.view``, nothing copied on the way in) and ``merge_diff`` writes each result
+    piece straight into one of two reused buffers, which the writer writes behind while the
+    next piece is merged (no float32 delta, no reader threads). Each piece's mapped pages are
+    released once merged, so memory stays at a few pieces whatever the tensor sizes. The next
+    tensor is requested from the kernel (``prefetch``) in the background.
     """
     with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt, \
             ThreadPoolExecutor(max_workers=1) as prefetcher:
@@ -184,7 +205,7 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
         check_same_layout(t_ckpt, a_ckpt, d_ckpt)
         plan = [Planned(n, i.dtype, i.shape) for n, i in t_ckpt.tensors.items()]
         names = [p.name for p in plan]
-        ring = [torch.empty(0, dtype=torch.uint8) for _ in range(2)]  # compute / write-behind
+        ring = _PieceRing()
         with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer, \
                 Progress("resta", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             pending = prefetcher.submit(_prefetch, ckpts, names[:1])
@@ -192,21 +213,19 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
                 pending.result()
                 pending = prefetcher.submit(_prefetch, ckpts, names[i + 1:i + 2])
                 info = t_ckpt.tensors[name]
-                if ring[i % 2].numel() < info.nbytes:
-                    ring[i % 2] = torch.empty(0, dtype=torch.uint8)  # free the small one first
-                    ring[i % 2] = torch.empty(info.nbytes, dtype=torch.uint8)
-                w = ring[i % 2][:info.nbytes].view(info.dtype)  # flat; the write of i - 2 is done
-                numel = w.numel()
-                if info.dtype in (torch.bfloat16, torch.float16, torch.float32):
-                    bad = 0
-                    for lo in range(0, numel, RESTA_CHUNK):
-                        n = min(RESTA_CHUNK, numel - lo)
+                numel = info.nbytes // info.dtype.itemsize
+                is_float = info.dtype in (torch.bfloat16, torch.float16, torch.float32)
+                bad = 0
+                for lo in range(0, numel, PIECE):
+                    n = min(PIECE, numel - lo)
+                    w = ring.next(n, info.dtype)  # the piece written two pieces ago is on disk
+                    if is_float:
                         t, a, d = (c.view(name, lo, n) for c in ckpts)
                         if device == "cpu":
-                            _, piece_bad = ops.merge_diff(t, a, d, alpha, w[lo:lo + n])
+                            _, piece_bad = ops.merge_diff(t, a, d, alpha, w)
                         else:
                             merged, piece_bad = ops.merge_diff(t.to(device), a.to(device), d.to(device), alpha)
-                            w[lo:lo + n].copy_(merged)
+                            w.copy_(merged)
                         if piece_bad:  # merge_diff kept T where A - D is NaN or Inf
                             source = _nonfinite_source([(aligned, a), (degraded, d)])
                             if not allow_nonfinite:
@@ -217,16 +236,34 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
                         del t, a, d
                         for c in ckpts:
                             c.release(name, lo, n)
-                    if bad:
-                        warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of "
-                                      f"tensor {name!r}.", stacklevel=2)
-                elif numel:  # integer and other tensors: the target's, unchanged
-                    w.copy_(t_ckpt.view(name).view(-1))
-                    t_ckpt.release(name)
-                writer.write(name, w.view(info.shape))
+                    else:  # integer and other tensors: the target's, unchanged
+                        w.copy_(t_ckpt.view(name, lo, n))
+                        t_ckpt.release(name, lo, n)
+                    writer.write_part(name, w)
+                if bad:
+                    warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.",
+                                  stacklevel=2)
+                if not numel:
+                    writer.write(name, torch.empty(info.shape, dtype=info.dtype))
                 bar.advance(info.nbytes)
             pending.result()
     return Path(out)
+
+
+class _PieceRing:
+    """Two reused piece buffers taking turns: one being filled, one being written behind
+    (``ShardedWriter.write_part`` waits for the write before it, so a buffer handed out is free)."""
+
+    def __init__(self):
+        self.buffers, self.turn = [torch.empty(0, dtype=torch.uint8) for _ in range(2)], 0
+
+    def next(self, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        self.turn ^= 1
+        nbytes = numel * dtype.itemsize
+        if self.buffers[self.turn].numel() < nbytes:
+            self.buffers[self.turn] = torch.empty(0, dtype=torch.uint8)  # free the small one first
+            self.buffers[self.turn] = torch.empty(nbytes, dtype=torch.uint8)
+        return self.buffers[self.turn][:nbytes].view(dtype)
 
 
 def _prefetch(ckpts: tuple[Checkpoint, ...], names: list[str]) -> None:

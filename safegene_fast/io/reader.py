@@ -304,24 +304,6 @@ def check_same_layout(reference: Checkpoint, *others: Checkpoint) -> None:
             raise CheckpointError(f"{other.path}: has tensor {extra[0]!r}, which {reference.path} lacks.")
 
 
-def iter_pieces(ckpts: list[Checkpoint], name: str, chunk: int) -> Iterator[tuple[torch.Tensor, ...]]:
-    """Tensor ``name`` of every checkpoint, flattened, in pieces of ``chunk`` elements: one tuple
-    of pieces at a time, the next tuple read (by one thread) while the caller works. Pieces live
-    in two reused buffers per checkpoint and are valid until the next tuple is asked for, so
-    memory stays at two pieces per checkpoint however large the tensor."""
-    infos = [c.tensors[name] for c in ckpts]
-    numel = infos[0].nbytes // infos[0].dtype.itemsize
-    starts = range(0, numel, chunk)
-    buffers = [[torch.empty(min(chunk, numel) * i.dtype.itemsize, dtype=torch.uint8) for _ in range(2)]
-               for i in infos]
-
-    def read(k: int) -> tuple[torch.Tensor, ...]:
-        count = min(chunk, numel - starts[k])
-        return tuple(c.read(name, bufs[k % 2], starts[k], count) for c, bufs in zip(ckpts, buffers))
-
-    yield from read_ahead(read, len(starts))
-
-
 def read_ahead(read: Callable[[int], T], count: int) -> Iterator[T]:
     """``read(0)``, ..., ``read(count - 1)`` in order; ``read(i + 1)`` runs in a background
     thread, started when item ``i`` is asked for, while the caller works on item ``i``."""

@@ -96,6 +96,7 @@ class ShardedWriter:
         shutil.rmtree(self.tmp, ignore_errors=True)
         self.tmp.mkdir(parents=True)
         self._next = 0        # index into self.order
+        self._part = 0        # bytes of self.order[self._next] received so far by write_part
         self._shard = -1      # shard being written
         self._file = None
         # Write-behind: one tensor's write runs in this thread while the caller computes the next.
@@ -118,21 +119,44 @@ class ShardedWriter:
             self._file.close()
             self._file = None
 
-    def write(self, name: str, tensor: torch.Tensor) -> None:
-        """Appends the next planned tensor (same name, dtype and shape as planned).
-
-        The data is written in the background: ``tensor``'s memory must stay unchanged until the
-        next ``write`` returns (it waits for this one) or ``finish``.
-        """
+    def _expect(self, name: str) -> Planned:
         if self._next >= len(self.order) or self.order[self._next].name != name:
             expected = self.order[self._next].name if self._next < len(self.order) else "nothing"
             self.abort()
             raise CheckpointError(f"{self.out}: got tensor {name!r} but the plan expects {expected!r}.")
-        planned = self.order[self._next]
-        if tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
+        return self.order[self._next]
+
+    def write(self, name: str, tensor: torch.Tensor) -> None:
+        """Appends the next planned tensor (same name, dtype and shape as planned).
+
+        The data is written in the background: ``tensor``'s memory must stay unchanged until the
+        next ``write`` (or ``write_part``) returns (it waits for this one) or ``finish``.
+        """
+        planned = self._expect(name)
+        if self._part or tensor.dtype != planned.dtype or tuple(tensor.shape) != planned.shape:
             self.abort()
             raise CheckpointError(f"{self.out}: tensor {name!r} is {tensor.dtype} {list(tensor.shape)} "
                                   f"but was planned as {planned.dtype} {list(planned.shape)}.")
+        self._submit(name, tensor)
+        self._next += 1
+
+    def write_part(self, name: str, part: torch.Tensor) -> None:
+        """Appends the next bytes of the next planned tensor: ``part`` (any dtype, contiguous)
+        holds its data from where the previous part ended; the tensor is complete once parts
+        of its planned size have arrived. Written in the background like ``write``: ``part``'s
+        memory must stay unchanged until the next ``write_part`` or ``write`` returns."""
+        planned = self._expect(name)
+        nbytes = part.numel() * part.element_size()
+        if self._part + nbytes > planned.nbytes:
+            self.abort()
+            raise CheckpointError(f"{self.out}: tensor {name!r} got {self._part + nbytes} bytes but was "
+                                  f"planned with {planned.nbytes}.")
+        self._submit(name, part)
+        self._part += nbytes
+        if self._part == planned.nbytes:
+            self._next, self._part = self._next + 1, 0
+
+    def _submit(self, name: str, tensor: torch.Tensor) -> None:
         self._wait()
         shard = self.shard_of[self._next]
         data = memoryview(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
@@ -144,7 +168,6 @@ class ShardedWriter:
 
         self._pending = (self._pool.submit(write_data),
                          f"tensor {name!r} to shard {self.shard_names[shard]}")
-        self._next += 1
 
     def _wait(self) -> None:
         """Waits for the write in flight; a failure becomes the one-sentence error, output removed."""
@@ -164,7 +187,8 @@ class ShardedWriter:
         if self._next != len(self.order):
             missing = self.order[self._next].name
             self.abort()
-            raise CheckpointError(f"{self.out}: incomplete, tensor {missing!r} was never written.")
+            raise CheckpointError(f"{self.out}: incomplete, tensor {missing!r} was "
+                                  f"{'only written in part' if self._part else 'never written'}.")
         self._guard("the index and companion files", self._finish_files)
         self._pool.shutdown()
         return self.out
