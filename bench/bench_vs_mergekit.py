@@ -294,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the outputs")
     p.add_argument("--quick", action="store_true", help="llama-tiny, no installing: a CI smoke run")
     p.add_argument("--mergekit-extract-timeout", type=float, default=1800)
+    p.add_argument("--no-extract", action="store_true",
+                   help="skip the extraction rows (the gene for apply is still made, untimed)")
     p.add_argument("--json", type=Path, help="write the results here")
     args = p.parse_args(argv)
     if args.quick:
@@ -398,15 +400,18 @@ def main(argv: list[str] | None = None) -> int:
         return r
 
     # --- extraction (also makes the gene the apply rows use)
-    print(f"extract, rank {args.rank}, on {args.extract_shape}:", flush=True)
     ex_in = (ex_family["aligned"], ex_family["degraded"])
     ex_gene = gene if ex_family is family else work / "gene-extract-shape"
-    measure("ours_extract", cmd_extract(ex_family, ex_gene), ex_in, ex_gene)
-    if ex_family is not family:
+    if args.no_extract:
+        notes.append("--no-extract: no extraction rows")
+    else:
+        print(f"extract, rank {args.rank}, on {args.extract_shape}:", flush=True)
+        measure("ours_extract", cmd_extract(ex_family, ex_gene), ex_in, ex_gene)
+    if ex_family is not family or args.no_extract:
         rm(gene)
         subprocess.run(cmd_extract(family, gene), check=True, capture_output=True)
     mk_lora = work / "mergekit-lora"
-    if have_mk:
+    if have_mk and not args.no_extract:
         measure("mergekit_extract_lora", cmd_mk_extract(ex_family, mk_lora), ex_in, mk_lora, env=mk_env,
                 timeout=args.mergekit_extract_timeout)
 
@@ -457,7 +462,7 @@ def main(argv: list[str] | None = None) -> int:
         resta_outputs["mergekit"] = out_mk
     if resta_outputs:
         extras["resta_agreement"] = compare_resta(family, args.alpha, resta_outputs)
-    adapters = {"ours": ex_gene} if rows["ours_extract"][-1]["rc"] == 0 else {}
+    adapters = {"ours": ex_gene} if rows["ours_extract"] and rows["ours_extract"][-1]["rc"] == 0 else {}
     if have_mk and rows["mergekit_extract_lora"] and rows["mergekit_extract_lora"][-1]["rc"] == 0:
         adapters["mergekit"] = mk_lora
     if adapters:
