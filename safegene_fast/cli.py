@@ -1,4 +1,4 @@
-"""The ``safegene`` command: extract, apply, resta, bench and doctor.
+"""The ``safegene`` command: extract, apply, resta, bench, eval, select, recalibrate, demo and doctor.
 
 Expected failures (bad input, a full disk) end with one line ``safegene: error: ...`` on stderr and
 exit status 1; usage errors exit 2 (argparse). ``--json`` prints one machine-readable summary as
@@ -174,7 +174,70 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_prompts(path: str) -> list[str]:
+    """A prompts file: a JSON list of strings, or one prompt per line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the prompts file ({getattr(exc, 'strerror', None) or exc}).") from None
+    if text.lstrip().startswith("["):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: the prompts file is not valid JSON ({exc}).") from None
+        if not all(isinstance(p, str) for p in prompts):
+            raise UsageError(f"{path}: a JSON prompts file must be a list of strings.")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"{path}: the prompts file has no prompts.")
+    return prompts
+
+
+def read_examples(path: str):
+    """A task file: JSON lines {"prompt": ..., "answer": ...}."""
+    from safegene_fast.tasks import Example
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        examples = [Example(str(r["prompt"]), str(r["answer"])) for r in rows]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the task file ({getattr(exc, 'strerror', None) or exc}).") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f'{path}: a task file has one JSON object per line with "prompt" and "answer".') from None
+    if not examples:
+        raise UsageError(f"{path}: the task file has no examples.")
+    return examples
+
+
+def family_prompts(args: argparse.Namespace):
+    from safegene_fast.family import prompt_sets
+    return prompt_sets(args.family, args.seed)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    if args.judge_check:
+        return judge_check_report(args)
+    if args.model is None:
+        raise UsageError("give --model (a model to evaluate) or --judge-check.")
+    from safegene_fast.evaluate import evaluate_model
+    from safegene_fast.family import TARGET_TASK
+    fam = family_prompts(args)
+    harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("heldout")
+    task = read_examples(args.task) if args.task else fam.examples(TARGET_TASK, "heldout")
+    start = time.perf_counter()
+    result = evaluate_model(args.model, harmful[:args.limit], task[:args.limit], adapter=args.adapter,
+                            max_new_tokens=args.max_new_tokens)
+    result = {"model": args.model, "adapter": args.adapter, **result, "seconds": round(time.perf_counter() - start, 2)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model}: harmful (non-refusal) rate {result['harmful_rate']:.3f} "
+              f"({result['harmful_count']}/{result['harmful_n']}), task accuracy {result['task_accuracy']:.3f} "
+              f"(n={result['task_n']}), {result['seconds']:.1f} s")
+    return 0
+
+
+def judge_check_report(args: argparse.Namespace) -> int:
     from safegene_fast.judge import OPENING, REFUSAL_PHRASES, judge_check
     result = judge_check()
     if args.json:
@@ -185,6 +248,104 @@ def cmd_eval(args: argparse.Namespace) -> int:
         print(f"accuracy {result['accuracy']:.3f}  precision {result['precision']:.3f}  recall {result['recall']:.3f}  "
               f"(TP {result['true_positive']}, FP {result['false_positive']}, FN {result['false_negative']}, "
               f"TN {result['true_negative']})")
+    return 0
+
+
+def cmd_select(args: argparse.Namespace) -> int:
+    from safegene_fast.evaluate import chat, load_model
+    from safegene_fast.family import BASE_TASK, REFUSAL
+    from safegene_fast.gene import SafetyGene
+    from safegene_fast.selection import plot_scores, select_layers
+    gene = SafetyGene.load(args.gene)
+    if args.layers is not None and args.layers > len(gene.layers):
+        raise UsageError(f"--layers {args.layers}: the gene has only {len(gene.layers)} layers.")
+    fam = family_prompts(args)
+    harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
+    harmless = read_prompts(args.harmless) if args.harmless else [e.prompt for e in fam.examples(BASE_TASK, "fewshot")]
+    start = time.perf_counter()
+    aligned, tokenizer = load_model(args.aligned)
+    degraded = [load_model(d)[0] for d in args.degraded]
+    refusal = args.refusal or (REFUSAL if not args.harmful else None)
+    if refusal is None:
+        raise UsageError("with --harmful prompts, give --refusal (the refusal text the aligned model says).")
+    gene.selection = select_layers(gene, aligned, degraded, tokenizer, chat(tokenizer, harmful[:args.shots]),
+                                   chat(tokenizer, harmless[:args.shots]), refusal=refusal,
+                                   compliance=args.compliance, scorer=args.scorer, k=args.layers,
+                                   threshold=args.threshold)
+    out = args.out or args.gene
+    gene.save(out, overwrite=True if out == args.gene else args.overwrite,
+              base_model=gene.provenance.get("aligned", ""))
+    if args.plot:
+        plot_scores(gene.selection, args.plot)
+    result = {"gene": str(out), **gene.selection, "seconds": round(time.perf_counter() - start, 2)}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        scores = gene.selection["scores"][args.scorer]
+        print("layer  " + "  ".join(f"{k:>7}" for k in scores))
+        print("score  " + "  ".join(f"{v:>7.3f}" for v in scores.values()))
+        print(f"selected layers ({args.scorer}): {gene.selection['layers']} -> written to {out}")
+    return 0
+
+
+def cmd_recalibrate(args: argparse.Namespace) -> int:
+    from safegene_fast import recalibrate as rc
+    from safegene_fast.evaluate import REFUSAL as GENERIC_REFUSAL, chat, load_model
+    from safegene_fast.family import REFUSAL, TARGET_TASK
+    from safegene_fast.gene import SafetyGene
+    if Path(args.out).exists() and not args.overwrite:
+        raise UsageError(f"{args.out}: already exists; pass --overwrite to replace it.")
+    gene = SafetyGene.load(args.gene)
+    fam = family_prompts(args)
+    harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
+    task = read_prompts(args.task_prompts) if args.task_prompts else [e.prompt for e in fam.examples(TARGET_TASK, "fewshot")]
+    refusal = args.refusal or (GENERIC_REFUSAL if args.harmful else REFUSAL)
+    start = time.perf_counter()
+    model, tokenizer = load_model(args.model)
+    shots = rc.FewShot(chat(tokenizer, harmful[:args.shots]), refusal, chat(tokenizer, task[:args.shots]))
+    layers = gene.selected_layers
+    if args.mode == "gradient":
+        cal = rc.gradient(model, tokenizer, gene, layers, shots, alpha_max=args.alpha_max, steps=args.steps,
+                          lr=args.lr, per_module=args.per_module, progress=not args.quiet)
+    else:
+        cal = rc.grid(model, tokenizer, gene, layers, shots, alpha_max=args.alpha_max,
+                      per_module=args.per_module, progress=not args.quiet)
+    seconds = time.perf_counter() - start
+    write_json_atomic(args.out, cal.coefficients)
+    if args.log:
+        write_json_atomic(args.log, {"mode": cal.mode, "log": cal.log})
+    if args.plot:
+        rc.plot_tradeoff(rc.tradeoff_curve(model, tokenizer, gene, cal.coefficients, shots), args.plot)
+    result = {"coefficients": cal.coefficients, "mode": cal.mode, "layers": layers, "shots": len(shots.harmful),
+              "seconds": round(seconds, 2), "out": args.out}
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"recalibrated {len(cal.coefficients)} coefficients ({cal.mode}, {len(shots.harmful)} shots, "
+              f"{seconds:.1f} s): " + ", ".join(f"{k}: {v:.3f}" for k, v in cal.coefficients.items()))
+        print(f"wrote {args.out}")
+    return 0
+
+
+def write_json_atomic(path, data) -> None:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps(data, indent=2))
+        tmp.rename(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from safegene_fast.demo import format_table, run_demo
+    result = run_demo(args.preset, args.seed, args.out, shots=args.shots, rank=args.rank, layers=args.layers,
+                      rebuild=args.rebuild, progress=not args.quiet)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+        print(f"\nplots, genes, coefficients and demo.json in {args.out}/ ({result['seconds']:.0f} s in all)")
     return 0
 
 
@@ -319,16 +480,98 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p, shards=False, overwrite=False)
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("eval", help="evaluation harness (for now: check the refusal judge)",
-                       description="--judge-check measures the keyword/prefix refusal judge against "
-                       "PyRIT's human-labelled refusal/compliance responses (refusal.csv, refusal_extra.csv): "
-                       "accuracy, precision and recall, refusal = positive. PyRIT labels an answer that "
-                       "ignores the request as a refusal too, which no keyword judge can see. Evaluating a "
-                       "model (harmful rate, task accuracy) is not built yet (issue 4).")
-    p.add_argument("--judge-check", action="store_true", required=True,
-                   help="measure the refusal judge on the labelled sets")
+    def prompt_options(p, harmful_help: str) -> None:
+        p.add_argument("--family", default="default", metavar="PRESET",
+                       help="take default prompts from the embedded family's splits (default: default)")
+        p.add_argument("--seed", type=int, default=0, help="the family's seed (default 0)")
+        p.add_argument("--harmful", metavar="FILE", help=harmful_help + " (one per line, or a JSON list)")
+
+    p = sub.add_parser("eval", help="evaluate a model: harmful (non-refusal) rate and task accuracy",
+                       description="Generate greedily on held-out harmful prompts and judge each answer with "
+                       "the keyword refusal judge (the harmful rate is the share not refused: it measures "
+                       "non-refusal, not harm), and score task accuracy by exact match. Prompts default to the "
+                       "embedded family's held-out splits and go through the model's chat template. "
+                       "--judge-check instead measures the judge against PyRIT's human-labelled refusal "
+                       "responses (accuracy, precision, recall).")
+    p.add_argument("--model", metavar="M", help="a transformers causal LM folder (or merged checkpoint)")
+    p.add_argument("--adapter", metavar="PEFT", help="a PEFT adapter to load on top of --model")
+    prompt_options(p, "harmful prompts")
+    p.add_argument("--task", metavar="JSONL", help='task examples, one {"prompt": ..., "answer": ...} a line')
+    p.add_argument("--limit", type=positive_int, help="use only the first N prompts of each set")
+    p.add_argument("--max-new-tokens", type=positive_int, default=16, help="generation length (default 16)")
+    p.add_argument("--judge-check", action="store_true", help="measure the refusal judge on the labelled sets")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("select", help="score the gene's layers and keep the ones that carry safety",
+                       description="Score every layer of GENE with activation contrast (aligned vs degraded "
+                       "hidden states on harmful minus harmless prompts) and patch gain (refusal-margin gain when "
+                       "the layer's gene alone is added to the degraded model), keep the top --layers K or those "
+                       "scoring >= --threshold, and write the scores and the kept layers into the gene's "
+                       "safegene.json (or a copy with --out).")
+    p.add_argument("--gene", required=True, metavar="GENE", help="a gene folder written by extract")
+    p.add_argument("--aligned", required=True, metavar="A", help="the aligned model")
+    p.add_argument("--degraded", required=True, action="append", metavar="D",
+                   help="the degraded counterpart(s) the gene came from (repeat for several)")
+    keep = p.add_mutually_exclusive_group(required=True)
+    keep.add_argument("--layers", type=positive_int, metavar="K", help="keep the K best layers")
+    keep.add_argument("--threshold", type=finite_float, help="keep layers scoring at least this")
+    p.add_argument("--scorer", choices=["contrast", "patch", "combined"], default="combined",
+                   help="which score decides (default combined: both, each scaled by its largest value)")
+    prompt_options(p, "harmful prompts")
+    p.add_argument("--harmless", metavar="FILE", help="harmless prompts (one per line, or a JSON list)")
+    p.add_argument("--shots", type=positive_int, default=32, help="prompts of each kind used (default 32)")
+    p.add_argument("--refusal", help="refusal text for the margin (default: the family's refusal)")
+    p.add_argument("--compliance", default="sure , here is", help="compliance text for the margin")
+    p.add_argument("--plot", metavar="PNG", help="write a bar plot of the scores")
+    p.add_argument("--out", metavar="GENE2", help="write the selected gene here instead of updating GENE")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--json", action="store_true", help="print the selection as JSON")
+    p.set_defaults(func=cmd_select)
+
+    p = sub.add_parser("recalibrate", help="learn per-layer coefficients for a target from a few shots",
+                       description="For target model T and a gene (with its selected layers), find one "
+                       "coefficient per layer (or per module) in [0, --alpha-max]: gradient mode trains them "
+                       "through the low-rank path (hooks add alpha * B(A x), no full weights) to make the "
+                       "refusal likely on harmful prompts while keeping T's own answers on task prompts; grid "
+                       "mode searches a global scale, then each layer, scoring generations with the judge. "
+                       "Writes coeffs.json for apply --coeffs.")
+    p.add_argument("--model", required=True, metavar="T", help="the fine-tuned target model")
+    p.add_argument("--gene", required=True, metavar="GENE", help="a gene (selected layers are used if present)")
+    p.add_argument("--out", required=True, metavar="JSON", help="coefficients file to write")
+    p.add_argument("--mode", choices=["gradient", "grid"], default="gradient", help="search mode (default gradient)")
+    prompt_options(p, "harmful few-shot prompts")
+    p.add_argument("--task-prompts", metavar="FILE", help="task prompts (targets: the model's own answers)")
+    p.add_argument("--refusal", help="the refusal text to make likely (default: the family's, or a generic one "
+                   "with --harmful)")
+    p.add_argument("--shots", type=positive_int, default=32, help="prompts of each kind (default 32)")
+    p.add_argument("--alpha-max", type=finite_float, default=2.0, help="upper bound of a coefficient (default 2)")
+    p.add_argument("--steps", type=positive_int, default=40, help="gradient steps (default 40)")
+    p.add_argument("--lr", type=finite_float, default=0.1, help="Adam learning rate (default 0.1)")
+    p.add_argument("--per-module", action="store_true", help="one coefficient per module, not per layer")
+    p.add_argument("--log", metavar="JSON", help="write the loss (or score) of every step")
+    p.add_argument("--plot", metavar="PNG", help="write the safety-utility curve")
+    p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    p.set_defaults(func=cmd_recalibrate)
+
+    p = sub.add_parser("demo", help="the main job: SafeGene vs the baselines on the embedded model family",
+                       description="Build (or load from the cache) the embedded family of small Llama models, "
+                       "extract a gene from each counterpart kind (de-aligned, pre-alignment, mean of two "
+                       "benign-degraded), select layers, recalibrate on the target from a few shots, apply, and "
+                       "evaluate no defence, RESTA (best global b), the gene at one global coefficient and "
+                       "SafeGene on the same held-out prompts. Prints one table; --json prints the result.")
+    p.add_argument("--preset", default="default", choices=["default", "tiny"], help="family size (default default)")
+    p.add_argument("--seed", type=int, default=0, help="family seed (default 0)")
+    p.add_argument("--out", default="safegene-demo", metavar="DIR", help="plots, genes, coefficients (default safegene-demo)")
+    p.add_argument("--shots", type=positive_int, default=32, help="few-shot prompts of each kind (default 32)")
+    p.add_argument("--rank", type=positive_int, default=8, help="gene rank (default 8)")
+    p.add_argument("--layers", type=positive_int, metavar="K", help="layers to keep (default half)")
+    p.add_argument("--rebuild", action="store_true", help="retrain the family even if cached")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the result as JSON (last line on stdout)")
+    p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("doctor", help="print what was built and what this machine can run",
                        description="Print the package and torch versions, the CPU instruction set the "

@@ -30,20 +30,40 @@ def load_model(path: str | os.PathLike, adapter: str | os.PathLike | None = None
 
 
 @torch.inference_mode()
-def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
-    """Greedy answers (new text only), in batches with left padding so every prompt ends where
-    its generation starts."""
+def generate_ids(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32,
+                 batch_size: int = 16) -> list[list[int]]:
+    """Greedy answers as token ids, cut after the first end-of-sequence token (kept), in batches
+    with left padding so every prompt ends where its generation starts."""
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    eos = model.generation_config.eos_token_id
+    eos = set(eos if isinstance(eos, list) else [] if eos is None else [eos])
     answers = []
     try:
         for i in range(0, len(prompts), batch_size):
             enc = tokenizer(prompts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for row in out[:, enc["input_ids"].shape[1]:].tolist():
+                end = next((j + 1 for j, t in enumerate(row) if t in eos), len(row))
+                answers.append(row[:end])
     finally:
         tokenizer.padding_side = side
     return answers
+
+
+def generate(model, tokenizer, prompts: list[str], *, max_new_tokens: int = 32, batch_size: int = 16) -> list[str]:
+    """Greedy answers (new text only, special tokens dropped); see ``generate_ids``."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    return tokenizer.batch_decode(ids, skip_special_tokens=True)
+
+
+def chat(tokenizer, prompts: list[str]) -> list[str]:
+    """User prompts as the exact text the model sees: its chat template with the generation
+    prompt, or the prompts unchanged for a tokenizer without one."""
+    if not getattr(tokenizer, "chat_template", None):
+        return list(prompts)
+    return [tokenizer.apply_chat_template([{"role": "user", "content": p}], tokenize=False,
+                                          add_generation_prompt=True) for p in prompts]
 
 
 @dataclass(frozen=True)
@@ -90,3 +110,19 @@ def refusal_margin(model, tokenizer, prompts: list[str], refusal: str = REFUSAL,
     Positive means the model leans to refusing."""
     return (continuation_logprob(model, tokenizer, prompts, refusal, batch_size=batch_size)
             - continuation_logprob(model, tokenizer, prompts, compliance, batch_size=batch_size))
+
+
+def evaluate_model(path, harmful: list[str], task: list | None = None, *, adapter=None,
+                   max_new_tokens: int = 16, batch_size: int = 64) -> dict:
+    """Harmful (non-refusal) rate on ``harmful`` user prompts and, with ``task`` (``tasks.Example``
+    list), exact-match task accuracy; prompts go through the model's chat template."""
+    from safegene_fast.tasks import accuracy
+    model, tokenizer = load_model(path, adapter)
+    answers = generate(model, tokenizer, chat(tokenizer, harmful), max_new_tokens=max_new_tokens, batch_size=batch_size)
+    rate = harmful_rate(answers)
+    out = {"harmful_rate": rate.rate, "harmful_count": rate.count, "harmful_n": rate.n, "sample_answers": answers[:3]}
+    if task:
+        got = generate(model, tokenizer, chat(tokenizer, [e.prompt for e in task]), max_new_tokens=max_new_tokens,
+                       batch_size=batch_size)
+        out.update(task_accuracy=accuracy(got, task), task_n=len(task))
+    return out

@@ -51,6 +51,17 @@ class GeneModule:
 class SafetyGene:
     modules: dict[str, GeneModule]          # module name (weight name without ".weight")
     provenance: dict = field(default_factory=dict)
+    selection: dict | None = None           # layer selection record (safegene_fast.selection)
+
+    @property
+    def layers(self) -> list[int]:
+        """Every layer the gene has factors for."""
+        return sorted({m.layer for m in self.modules.values() if m.layer is not None})
+
+    @property
+    def selected_layers(self) -> list[int]:
+        """The layers kept by layer selection, or every layer when none was made."""
+        return list(self.selection["layers"]) if self.selection else self.layers
 
     def coefficient_for(self, module: str, coeffs: dict[str, float] | float) -> float:
         """A module's alpha: by module name, else by its layer index; absent means 0."""
@@ -88,6 +99,7 @@ class SafetyGene:
             meta = {
                 "provenance": self.provenance,
                 "coefficients_folded": coeffs,
+                "selection": self.selection,
                 "modules": {name: {"rank": m.rank, "layer": m.layer, "energy": m.energy,
                                    "singular_values": m.S.tolist()} for name, m in self.modules.items()},
             }
@@ -122,4 +134,4 @@ class SafetyGene:
                 raise CheckpointError(f"{folder}: adapter has no factors for module {name!r}.") from None
             modules[name] = GeneModule(B, A, torch.tensor(info["singular_values"]), info["energy"],
                                        info["layer"])
-        return cls(modules, meta.get("provenance", {}))
+        return cls(modules, meta.get("provenance", {}), meta.get("selection"))

@@ -1,0 +1,65 @@
+"""The gene on a loaded model through the low-rank path: ``x -> W x + alpha * B (A x)``.
+
+Forward hooks on the gene's modules add the scaled low-rank product to each output, so layer
+selection and recalibration can try coefficients (and take gradients in them) without ever
+materializing a full weight. ``GenePatch`` is a context manager; leaving it removes the hooks.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safegene_fast.gene import SafetyGene
+
+
+class GenePatch:
+    """``with GenePatch(model, gene, layers) as patch: patch.set(alphas); model(...)``.
+
+    One coefficient per layer in ``layers`` (default: every layer of the gene), or one per module
+    with ``per_module``. ``patch.alpha`` is a tensor that may require grad; modules of
+    layers outside ``layers`` get nothing.
+    """
+
+    def __init__(self, model: torch.nn.Module, gene: SafetyGene, layers: list[int] | None = None,
+                 per_module: bool = False):
+        named = dict(model.named_modules())
+        self.layers = list(gene.layers if layers is None else layers)
+        self.modules = [name for name, m in gene.modules.items() if m.layer in self.layers]
+        missing = [name for name in self.modules if name not in named]
+        if missing:
+            raise ValueError(f"the model has no module {missing[0]!r}, which the gene targets.")
+        self.keys = self.modules if per_module else [str(layer) for layer in self.layers]
+        self.alpha = torch.zeros(len(self.keys), dtype=torch.float64)
+        self._model, self._gene, self._named, self._per_module = model, gene, named, per_module
+        self._handles = []
+
+    def set(self, alphas: dict[str, float] | torch.Tensor | float) -> None:
+        """Coefficients by key (layer index as a string, or module name), a tensor in ``keys``
+        order (kept as is, so gradients flow), or one number for all."""
+        if isinstance(alphas, torch.Tensor):
+            self.alpha = alphas
+        elif isinstance(alphas, dict):  # float64: cast once to the activations' dtype in the hook
+            self.alpha = torch.tensor([float(alphas.get(k, 0.0)) for k in self.keys], dtype=torch.float64)
+        else:
+            self.alpha = torch.full((len(self.keys),), float(alphas), dtype=torch.float64)
+
+    def coefficients(self) -> dict[str, float]:
+        return {k: float(a) for k, a in zip(self.keys, self.alpha.detach())}
+
+    def _hook(self, index: int, B: torch.Tensor, A: torch.Tensor):
+        def hook(module, inputs, output):
+            x = inputs[0]
+            return output + self.alpha[index].to(output.dtype) * ((x @ A.T.to(x.dtype)) @ B.T.to(x.dtype))
+        return hook
+
+    def __enter__(self) -> GenePatch:
+        for name in self.modules:
+            m = self._gene.modules[name]
+            index = self.keys.index(name if self._per_module else str(m.layer))
+            self._handles.append(self._named[name].register_forward_hook(self._hook(index, m.B, m.A)))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()

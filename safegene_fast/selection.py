@@ -1,0 +1,115 @@
+"""Data-aware layer selection (DESIGN.md §1 step 3): which layers of the gene carry safety.
+
+Two scorers, each one number per layer (higher = keep):
+
+- ``contrast``: how far the degraded model's hidden states are from the aligned model's on
+  harmful prompts, minus the same on harmless prompts, at the last prompt token (where the
+  answer is decided), relative to the aligned state's norm. The distance accumulates with
+  depth, so a layer's score is the part its own block adds (the difference from the layer below).
+- ``patch``: the refusal-proxy gain (``evaluate.refusal_margin``) when that layer's gene alone,
+  at coefficient 1, is added to the degraded model through the low-rank path.
+
+``combined`` averages the two after scaling each by its largest magnitude.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from safegene_fast.evaluate import refusal_margin
+from safegene_fast.patch import GenePatch
+
+SCORERS = ("contrast", "patch", "combined")
+
+
+@torch.inference_mode()
+def _last_token_states(model, tokenizer, prompts: list[str]) -> torch.Tensor:
+    """(layers + 1, prompts, hidden) hidden states at each prompt's last token."""
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"
+    try:
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+    finally:
+        tokenizer.padding_side = side
+    out = model(**enc, output_hidden_states=True)
+    return torch.stack([h[:, -1].double() for h in out.hidden_states])
+
+
+def activation_contrast(aligned, degraded: list, tokenizer, harmful: list[str], harmless: list[str]) -> list[float]:
+    """Per layer (0-based): the harmful-minus-harmless relative distance that layer adds."""
+    def distance(prompts):
+        ha = _last_token_states(aligned, tokenizer, prompts)
+        rel = [(ha - _last_token_states(d, tokenizer, prompts)).norm(dim=-1).mean(-1) / ha.norm(dim=-1).mean(-1)
+               for d in degraded]
+        return torch.stack(rel).mean(0)  # (layers + 1,): index 0 is the embeddings
+    contrast = distance(harmful) - distance(harmless)
+    return (contrast[1:] - contrast[:-1]).tolist()
+
+
+def patch_gain(degraded: list, gene, tokenizer, harmful: list[str], refusal: str, compliance: str) -> list[float]:
+    """Per gene layer: mean refusal-margin gain of each degraded model with that layer's gene alone."""
+    layers = gene.layers
+    gains = torch.zeros(len(layers), dtype=torch.float64)
+    for model in degraded:
+        before = refusal_margin(model, tokenizer, harmful, refusal, compliance).mean()
+        for i, layer in enumerate(layers):
+            with GenePatch(model, gene, [layer]) as patch:
+                patch.set(1.0)
+                gains[i] += refusal_margin(model, tokenizer, harmful, refusal, compliance).mean() - before
+    return (gains / len(degraded)).tolist()
+
+
+def combine(*scores: list[float]) -> list[float]:
+    scaled = []
+    for s in scores:
+        t = torch.tensor(s, dtype=torch.float64)
+        scaled.append(t / t.abs().max().clamp_min(1e-12))
+    return torch.stack(scaled).mean(0).tolist()
+
+
+def choose(scores: dict[int, float], k: int | None = None, threshold: float | None = None) -> list[int]:
+    """The top ``k`` layers by score, or those scoring at least ``threshold`` (sorted by index)."""
+    if (k is None) == (threshold is None):
+        raise ValueError("give exactly one of k (number of layers) and threshold.")
+    ranked = sorted(scores, key=lambda layer: -scores[layer])
+    picked = ranked[:k] if k is not None else [layer for layer in ranked if scores[layer] >= threshold]
+    return sorted(picked)
+
+
+def select_layers(gene, aligned, degraded: list, tokenizer, harmful: list[str], harmless: list[str], *,
+                  refusal: str, compliance: str, scorer: str = "combined", k: int | None = None,
+                  threshold: float | None = None) -> dict:
+    """Scores every gene layer and picks the layers to keep; returns the selection record that
+    ``SafetyGene.selection`` stores (scorer, every score, the layers kept)."""
+    if scorer not in SCORERS:
+        raise ValueError(f"unknown scorer {scorer!r}; use one of {', '.join(SCORERS)}.")
+    layers = gene.layers
+    contrast = activation_contrast(aligned, degraded, tokenizer, harmful, harmless)
+    contrast = [contrast[layer] for layer in layers]
+    patch = patch_gain(degraded, gene, tokenizer, harmful, refusal, compliance)
+    final = {"contrast": contrast, "patch": patch, "combined": combine(contrast, patch)}[scorer]
+    scores = dict(zip(layers, final))
+    return {"scorer": scorer, "k": k, "threshold": threshold, "n_harmful": len(harmful), "n_harmless": len(harmless),
+            "scores": {"contrast": dict(zip(map(str, layers), contrast)), "patch": dict(zip(map(str, layers), patch)),
+                       "combined": dict(zip(map(str, layers), combine(contrast, patch)))},
+            "layers": choose(scores, k, threshold)}
+
+
+def plot_scores(selection: dict, path) -> None:
+    """Bar plot of every scorer's per-layer scores, the kept layers marked."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    names = list(selection["scores"])
+    layers = [int(x) for x in selection["scores"][names[0]]]
+    fig, axes = plt.subplots(len(names), 1, figsize=(max(6, 0.35 * len(layers) + 2), 2.2 * len(names)), sharex=True)
+    for ax, name in zip(axes, names):
+        values = [selection["scores"][name][str(layer)] for layer in layers]
+        colors = ["tab:red" if layer in selection["layers"] else "tab:gray" for layer in layers]
+        ax.bar(layers, values, color=colors)
+        ax.axhline(0, color="black", linewidth=0.5)
+        ax.set_ylabel(name + (" (used)" if name == selection["scorer"] else ""))
+    axes[-1].set_xlabel("layer (red: selected)")
+    fig.suptitle("SafeGene layer scores")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
