@@ -18,8 +18,9 @@ process and any children it waited for) are its own:
 - mergekit-extract-lora: base degraded, model aligned, --max-rank r, on the same modules as ours.
 
 Every input checkpoint is read once before each row so all rows start from a warm page cache.
-Outputs are removed right after their row, except the last round's, which are checked first
-(at most two checkpoints' worth on disk at a time: the 70B-shaped family fits a small disk).
+Our outputs are removed right after their row, except the last round's, which are checked first;
+mergekit's just before its next row (at most two checkpoints' worth of outputs on disk at a
+time: the 70B-shaped family fits a small disk).
 GB/s is the checkpoint's tensor bytes over wall time for every merge row (resta and mergekit
 also read aligned and degraded: three times the input bytes of apply / copy). Extraction error is
 the Frobenius error of B @ A against aligned - degraded (float64) over the optimal rank-r error
@@ -446,8 +447,7 @@ def main(argv: list[str] | None = None) -> int:
                         (family["target"], family["aligned"], family["degraded"]), out_mk, env=mk_env)
             if r["rc"] == 0:  # mergekit does not fsync its output; ours and the copy floor do
                 r["fsync_after_s"] = round(fsync_tree(out_mk), 3)
-            if not last:
-                rm(out_mk)
+            # (removed by the next mergekit row, as before: not freed right before the copy floor)
     commands["copy_floor"] = f"{shlex.quote(py)} -S -c <safegene_fast.bench.COPY_FLOOR> OUT {T}/*.safetensors"
     commands["copy_floor_read3"] = (f"{shlex.quote(py)} -S -c <safegene_fast.bench.COPY_FLOOR> OUT {T}/*.safetensors "
                                     f"{A}/*.safetensors {D}/*.safetensors  (reads A and D, then copies T)")
