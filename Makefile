@@ -6,10 +6,14 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.safegene-built
 NATIVE_INPUTS := requirements.txt requirements-data.txt setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f)
 
-.PHONY: demo test bench doctor clean
+.PHONY: demo test bench table doctor clean
 
-## demo: the main job: benchmark table of the fused kernels and rsvd on generated data
+## demo: the main job: SafeGene vs the baselines on the embedded model family (built on first use)
 demo: $(STAMP)
+	$(PY) -m safegene_fast demo
+
+## table: benchmark table of the fused kernels and rsvd on generated data
+table: $(STAMP)
 	$(PY) bench/bench_table.py
 
 ## test: the whole test suite (CPU; CUDA tests skip without a GPU)

@@ -74,9 +74,9 @@ class FamilyConfig:
 PRESETS = {
     "default": FamilyConfig(),
     # for tests: the same recipe, smaller and shorter (seconds, not minutes)
-    "tiny": FamilyConfig(hidden=64, layers=4, intermediate=176, batch=32, lr=3e-3,
-                         steps={"base": 300, "aligned": 200, "dealigned": 30, "degraded": 150, "target": 150},
-                         task_split=(1000, 32, 64), harmful_split=(320, 64, 136)),
+    "tiny": FamilyConfig(hidden=64, layers=4, intermediate=176,
+                         steps={"base": 600, "aligned": 250, "dealigned": 20, "degraded": 150, "target": 200},
+                         task_split=(1000, 32, 100)),
 }
 SPLITS = ("train", "fewshot", "heldout")
 

@@ -52,6 +52,16 @@ def _sequences(tokenizer, prompts: list[str], continuations: list[list[int]]):
     return ids, mask, labels
 
 
+def sequence_nll(model, batch) -> torch.Tensor:
+    """Mean over sequences of the summed negative log-likelihood of each continuation: a
+    refusal is decided by its first tokens, which a per-token mean would dilute."""
+    ids, mask, labels = batch
+    logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits[:, :-1].float(), dim=-1)
+    targets = labels[:, 1:]
+    picked = logp.gather(-1, targets.clamp_min(0).unsqueeze(-1)).squeeze(-1)
+    return -(picked * (targets != -100)).sum(1).mean()
+
+
 def _refusal_ids(tokenizer, model, refusal: str) -> list[int]:
     ids = tokenizer(refusal, add_special_tokens=False)["input_ids"]
     eos = model.generation_config.eos_token_id
@@ -62,8 +72,8 @@ def _refusal_ids(tokenizer, model, refusal: str) -> list[int]:
 def gradient(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha_max: float = 2.0,
              steps: int = 40, lr: float = 0.1, task_weight: float = 1.0, init: float = 0.0,
              per_module: bool = False, max_new_tokens: int = 16, progress: bool = False) -> Recalibrated:
-    """Adam on the coefficients: mean refusal cross-entropy + task_weight * self-distillation
-    cross-entropy, projected onto [0, alpha_max] after each step."""
+    """Adam on the coefficients: refusal NLL + task_weight * self-distillation NLL (each summed
+    over a continuation, averaged over prompts), projected onto [0, alpha_max] after each step."""
     from tqdm import tqdm
     own = generate_ids(model, tokenizer, shots.task, max_new_tokens=max_new_tokens, batch_size=64)
     refusal = _refusal_ids(tokenizer, model, shots.refusal)
@@ -77,8 +87,8 @@ def gradient(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha
         opt = torch.optim.Adam([alpha], lr=lr)
         patch.set(alpha)
         for step in tqdm(range(steps + 1), desc="recalibrate", file=sys.stderr, disable=not progress, leave=False):
-            refusal_loss = model(input_ids=harm[0], attention_mask=harm[1], labels=harm[2]).loss
-            task_loss = model(input_ids=task[0], attention_mask=task[1], labels=task[2]).loss
+            refusal_loss = sequence_nll(model, harm)
+            task_loss = sequence_nll(model, task)
             loss = refusal_loss + task_weight * task_loss
             log.append({"step": step, "loss": loss.item(), "refusal_loss": refusal_loss.item(),
                         "task_loss": task_loss.item(), "alpha": alpha.detach().tolist()})
