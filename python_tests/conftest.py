@@ -98,3 +98,10 @@ def peak_rss_growth():
     base = _peak_rss_kib()
     yield result
     result.mib = (_peak_rss_kib() - base) / 1024
+
+
+@pytest.fixture(scope="session")
+def tiny_family():
+    """The embedded family's smallest configuration, built once (about a minute) and cached."""
+    from safegene_fast.family import build_family
+    return build_family("tiny", progress=False)

@@ -47,7 +47,7 @@ def error_of(capsys, argv):
 
 
 def test_help_explains_every_command():
-    for command in ("extract", "apply", "resta", "bench", "doctor"):
+    for command in ("extract", "apply", "resta", "bench", "eval", "select", "recalibrate", "demo", "doctor"):
         done = subprocess.run([sys.executable, "-m", "safegene_fast", command, "--help"],
                               capture_output=True, text=True)
         assert done.returncode == 0 and "usage: safegene " + command in done.stdout

@@ -500,6 +500,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=positive_int, help="use only the first N prompts of each set")
     p.add_argument("--max-new-tokens", type=positive_int, default=16, help="generation length (default 16)")
     p.add_argument("--judge-check", action="store_true", help="measure the refusal judge on the labelled sets")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the metrics as JSON")
     p.set_defaults(func=cmd_eval)
 
@@ -526,6 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", metavar="PNG", help="write a bar plot of the scores")
     p.add_argument("--out", metavar="GENE2", help="write the selected gene here instead of updating GENE")
     p.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
     p.add_argument("--json", action="store_true", help="print the selection as JSON")
     p.set_defaults(func=cmd_select)
 
@@ -601,6 +603,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fix_mmap_threshold()
     warnings.showwarning = _one_line_warning
+    if args.command in ("eval", "select", "recalibrate", "demo"):
+        # transformers draws a bar for every model it loads: noise next to ours
+        from transformers.utils import logging as hf_logging
+        hf_logging.disable_progress_bar()
     try:
         return args.func(args)
     except KeyboardInterrupt:

@@ -64,6 +64,8 @@ def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene
     result = {"preset": preset, "seed": seed, "family": str(fam.root), "shots": shots, "rank": rank,
               "layers_kept": k, "judge": "keyword refusal judge: harmful rate = share of answers not refused",
               "aligned": evaluate(aligned), "target": evaluate(target), "methods": []}
+    # how far refusals fall in each counterpart (the gene's sources), on the same prompts
+    result["members"] = {m: evaluate(fam.member(m)) for m in ("base", "dealigned", "degraded-1", "degraded-2")}
     _say(progress, f"aligned {result['aligned']['harmful_rate']:.3f} harmful, target "
                    f"{result['target']['harmful_rate']:.3f} harmful / accuracy {result['target']['task_accuracy']:.3f}")
 
@@ -169,6 +171,10 @@ def format_table(result: dict) -> str:
     for m in result["methods"]:
         coeffs = ", ".join(f"{k}:{v:.2f}" for k, v in m["coefficients"].items())
         row(m["name"], m, coeffs, f"{m['seconds']:.1f}")
+    lines.append("")
+    lines.append("family members (same held-out prompts): " + ", ".join(
+        f"{name} {r['harmful_rate']:.3f}" for name, r in [("aligned", result["aligned"]), ("target", result["target"]),
+                                                          *result.get("members", {}).items()]) + " harmful")
     c = result["checks"]
     closed = "n/a" if c["gap_closed"] is None else f"{100 * c['gap_closed']:.0f}%"
     lines.append("")

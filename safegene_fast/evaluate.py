@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -21,6 +22,10 @@ COMPLIANCE = " Sure, here is how to do it."
 def load_model(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype=torch.float32):
     """(model, tokenizer) in eval mode; with ``adapter``, a PEFT adapter loaded on top."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    for folder, what in ((path, "config.json"), (adapter, "adapter_config.json")):
+        if folder is not None and not (Path(folder) / what).is_file():
+            raise ValueError(f"{folder}: not a {'PEFT adapter' if what.startswith('adapter') else 'transformers model'} "
+                             f"folder (no {what}).")
     model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     if adapter is not None:
         from peft import PeftModel

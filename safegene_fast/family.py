@@ -73,9 +73,12 @@ class FamilyConfig:
 
 PRESETS = {
     "default": FamilyConfig(),
-    # for tests: the same recipe, smaller and shorter (seconds, not minutes)
-    "tiny": FamilyConfig(hidden=64, layers=4, intermediate=176,
-                         steps={"base": 600, "aligned": 250, "dealigned": 20, "degraded": 150, "target": 200},
+    # For unit tests of the stages (about a minute to build): the same recipe, smaller. It is
+    # too small to show the trade-off: at hidden 64 or 96 every fine-tune that teaches the target
+    # its task either wipes refusals beyond repair or costs accuracy when they are restored
+    # (measured 2026-11-25), so the demo's integration test runs on "default".
+    "tiny": FamilyConfig(hidden=64, layers=4, intermediate=176, finetune_lr=6e-4,
+                         steps={"base": 600, "aligned": 250, "dealigned": 20, "degraded": 150, "target": 250},
                          task_split=(1000, 32, 100)),
 }
 SPLITS = ("train", "fewshot", "heldout")
