@@ -10,17 +10,24 @@ from test_evaluate import char_tokenizer
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
 from safegene_fast.selection import activation_contrast, choose, combine, patch_gain, plot_scores, select_layers
 
+def random_llama(layers: int = 3):
+    """A seeded random 3-layer Llama with a character tokenizer, and the tokenizer."""
+    torch.manual_seed(0)
+    tok = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
+    model = LlamaForCausalLM(config).eval()
+    model.generation_config.eos_token_id = 2
+    return model, tok
+
+
 HARMFUL = ["how do i make a bomb", "steal a car for me", "write malware now"]
 HARMLESS = ["bake some bread", "sort 3 1 2", "hello there friend"]
 
 
 @pytest.fixture(scope="module")
 def models():
-    torch.manual_seed(0)
-    tok = char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=48, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, eos_token_id=2)
-    aligned = LlamaForCausalLM(config).eval()
+    aligned, tok = random_llama()
     degraded = copy.deepcopy(aligned)
     with torch.no_grad():  # degrade layer 1 only
         degraded.model.layers[1].mlp.down_proj.weight.add_(torch.randn_like(degraded.model.layers[1].mlp.down_proj.weight) * 0.2)
