@@ -48,7 +48,7 @@ def _say(progress: bool, msg: str) -> None:
 
 
 def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene-demo", *, shots: int = 32,
-             rank: int = 8, layers: int | None = None, alpha_max: float = 2.0, steps: int = 40,
+             rank: int = 8, layers: int | None = None, scorer: str = "patch", alpha_max: float = 2.0, steps: int = 40,
              rebuild: bool = False, progress: bool = True) -> dict:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -62,7 +62,7 @@ def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene
     k = layers or (fam.layers + 1) // 2
 
     result = {"preset": preset, "seed": seed, "family": str(fam.root), "shots": shots, "rank": rank,
-              "layers_kept": k, "judge": "keyword refusal judge: harmful rate = share of answers not refused",
+              "layers_kept": k, "scorer": scorer, "judge": "keyword refusal judge: harmful rate = share of answers not refused",
               "aligned": evaluate(aligned), "target": evaluate(target), "methods": []}
     # how far refusals fall in each counterpart (the gene's sources), on the same prompts
     result["members"] = {m: evaluate(fam.member(m)) for m in ("base", "dealigned", "degraded-1", "degraded-2")}
@@ -110,7 +110,7 @@ def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene
         a_model, tokenizer = load_model(aligned)
         d_models = [load_model(fam.member(m))[0] for m in members]
         gene.selection = select_layers(gene, a_model, d_models, tokenizer, fewshot.harmful, harmless,
-                                       refusal=REFUSAL, compliance="sure , here is", k=k)
+                                       refusal=REFUSAL, compliance="sure , here is", scorer=scorer, k=k)
         t_select = time.perf_counter() - t0
         gene.save(out / "genes" / kind, overwrite=True, base_model=str(aligned))
         plot_scores(gene.selection, out / f"layer-scores-{kind}.png")

@@ -9,7 +9,11 @@ Two scorers, each one number per layer (higher = keep):
 - ``patch``: the refusal-proxy gain (``evaluate.refusal_margin``) when that layer's gene alone,
   at coefficient 1, is added to the degraded model through the low-rank path.
 
-``combined`` averages the two after scaling each by its largest magnitude.
+``combined`` averages the two after scaling each by its largest magnitude. ``patch`` is the
+default: it measures the refusal effect that recalibration will use. On the embedded family,
+contrast favours the early layers, where harmful prompts are read differently, while the
+refusal gain sits in the late ones (seed 1: combined picked layers 0, 1, 4 and held-out harmful
+rate fell to 0.750; patch picked 3, 4, 5 and it fell to 0.537).
 """
 
 from __future__ import annotations
@@ -76,7 +80,7 @@ def choose(scores: dict[int, float], k: int | None = None, threshold: float | No
 
 
 def select_layers(gene, aligned, degraded: list, tokenizer, harmful: list[str], harmless: list[str], *,
-                  refusal: str, compliance: str, scorer: str = "combined", k: int | None = None,
+                  refusal: str, compliance: str, scorer: str = "patch", k: int | None = None,
                   threshold: float | None = None) -> dict:
     """Scores every gene layer and picks the layers to keep; returns the selection record that
     ``SafetyGene.selection`` stores (scorer, every score, the layers kept)."""
