@@ -42,7 +42,8 @@ def test_gradient_lowers_the_loss_within_bounds(setup):
     assert result.log[-1]["alpha"] == pytest.approx(list(result.coefficients.values()))
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     gradient(model, tok, gene, [1], shots, steps=3, max_new_tokens=4)
-    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())
+    assert all(torch.equal(before[n], p) for n, p in model.named_parameters())  # weights are never trained
+    assert all(p.requires_grad for p in model.parameters())  # and the caller's flags are restored
 
 
 def test_gradient_respects_a_tight_bound_and_the_task_weight(setup):

@@ -73,14 +73,26 @@ def gradient(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha
              steps: int = 40, lr: float = 0.1, task_weight: float = 1.0, init: float = 0.0,
              per_module: bool = False, max_new_tokens: int = 16, progress: bool = False) -> Recalibrated:
     """Adam on the coefficients: refusal NLL + task_weight * self-distillation NLL (each summed
-    over a continuation, averaged over prompts), projected onto [0, alpha_max] after each step."""
-    from tqdm import tqdm
+    over a continuation, averaged over prompts), projected onto [0, alpha_max] after each step.
+    The model's own weights are never changed."""
     own = generate_ids(model, tokenizer, shots.task, max_new_tokens=max_new_tokens, batch_size=64)
     refusal = _refusal_ids(tokenizer, model, shots.refusal)
     harm = _sequences(tokenizer, shots.harmful, [refusal] * len(shots.harmful))
     task = _sequences(tokenizer, shots.task, own)
-    for p in model.parameters():
+    frozen = [p for p in model.parameters() if p.requires_grad]
+    for p in frozen:  # only the coefficients get gradients
         p.requires_grad_(False)
+    try:
+        coefficients, log = _adam(model, gene, layers, per_module, harm, task, alpha_max=alpha_max, steps=steps,
+                                  lr=lr, task_weight=task_weight, init=init, progress=progress)
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return Recalibrated(coefficients, log, "gradient")
+
+
+def _adam(model, gene, layers, per_module, harm, task, *, alpha_max, steps, lr, task_weight, init, progress):
+    from tqdm import tqdm
     log = []
     with GenePatch(model, gene, layers, per_module) as patch:
         alpha = torch.full((len(patch.keys),), float(init), requires_grad=True)
@@ -99,8 +111,7 @@ def gradient(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha
             opt.step()
             with torch.no_grad():
                 alpha.clamp_(0.0, alpha_max)
-        coefficients = patch.coefficients()
-    return Recalibrated(coefficients, log, "gradient")
+        return patch.coefficients(), log
 
 
 def judge_score(model, tokenizer, shots: FewShot, own: list[str], max_new_tokens: int) -> tuple[float, float]:
