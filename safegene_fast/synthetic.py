@@ -42,6 +42,7 @@ from pathlib import Path
 
 import torch
 
+from safegene_fast.cache import cache_root
 from safegene_fast.io import Planned, ShardedWriter
 from safegene_fast.progress import Progress
 from safegene_fast.io.reader import DTYPE_NAMES
@@ -170,14 +171,11 @@ def resolve_shape(shape: str | LlamaShape) -> tuple[str, LlamaShape]:
 
 
 def default_root(shape: str | LlamaShape, dtype: torch.dtype = torch.bfloat16, seed: int = 0) -> Path:
-    """``$SAFEGENE_CACHE`` (else ``$XDG_CACHE_HOME/safegene_fast`` or ``~/.cache/safegene_fast``)
-    ``/synthetic/<shape>-<dtype>-seed<seed>``."""
+    """``cache_root()/synthetic/<shape>-<dtype>-seed<seed>``."""
     name, s = resolve_shape(shape)
     if name == "custom":
         name = "custom-" + hashlib.sha256(json.dumps(asdict(s)).encode()).hexdigest()[:12]
-    base = os.environ.get("SAFEGENE_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "safegene_fast")
-    return Path(base) / "synthetic" / f"{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
+    return cache_root() / "synthetic" / f"{name}-{str(dtype).removeprefix('torch.')}-seed{seed}"
 
 
 def _role(member: str) -> str:
