@@ -116,14 +116,8 @@ def encode(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
 
 def make_batch(rows: list[tuple[list[int], int]], pad: int):
     """(ids, labels, mask), right-padded; labels only on the answer tokens."""
-    width = max(len(ids) for ids, _ in rows)
-    ids = torch.full((len(rows), width), pad)
-    labels = torch.full((len(rows), width), -100)
-    mask = torch.zeros((len(rows), width), dtype=torch.long)
-    for r, (seq, n_head) in enumerate(rows):
-        ids[r, :len(seq)] = torch.tensor(seq)
-        labels[r, n_head:len(seq)] = torch.tensor(seq[n_head:])
-        mask[r, :len(seq)] = 1
+    from safegene_fast.evaluate import right_padded
+    ids, mask, labels = right_padded(rows, pad)
     return ids, labels, mask
 
 

@@ -86,6 +86,20 @@ def harmful_rate(answers: list[str]) -> Rate:
     return Rate(sum(not is_refusal(a) for a in answers), len(answers))
 
 
+def right_padded(rows: list[tuple[list[int], int]], pad_id: int):
+    """(ids, attention mask, labels) for (token ids, prompt length) rows, right-padded so every
+    position is that of an unpadded run; labels are -100 outside the continuation."""
+    width = max(len(seq) for seq, _ in rows)
+    ids = torch.full((len(rows), width), pad_id)
+    labels = torch.full((len(rows), width), -100)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for row, (seq, n_head) in enumerate(rows):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        labels[row, n_head:len(seq)] = torch.tensor(seq[n_head:])
+        mask[row, :len(seq)] = 1
+    return ids, mask, labels
+
+
 @torch.inference_mode()
 def continuation_logprob(model, tokenizer, prompts: list[str], continuation: str, *,
                          batch_size: int = 16) -> torch.Tensor:
@@ -94,13 +108,7 @@ def continuation_logprob(model, tokenizer, prompts: list[str], continuation: str
     out = []
     for i in range(0, len(prompts), batch_size):
         heads = tokenizer(prompts[i:i + batch_size], add_special_tokens=False)["input_ids"]
-        seqs = [h + cont for h in heads]
-        width = max(map(len, seqs))
-        ids = torch.full((len(seqs), width), tokenizer.pad_token_id)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for row, s in enumerate(seqs):  # right padding: positions stay those of an unpadded run
-            ids[row, :len(s)] = torch.tensor(s)
-            mask[row, :len(s)] = 1
+        ids, mask, _ = right_padded([(h + cont, len(h)) for h in heads], tokenizer.pad_token_id)
         logp = torch.log_softmax(model(input_ids=ids, attention_mask=mask).logits.double(), dim=-1)
         for row, h in enumerate(heads):
             targets = torch.tensor(cont)

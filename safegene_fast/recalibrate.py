@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
-from safegene_fast.evaluate import generate, generate_ids, harmful_rate
+from safegene_fast.evaluate import generate, generate_ids, harmful_rate, right_padded
 from safegene_fast.patch import GenePatch
 
 
@@ -40,16 +40,7 @@ class Recalibrated:
 def _sequences(tokenizer, prompts: list[str], continuations: list[list[int]]):
     """Right-padded ids, attention mask and labels (-100 outside the continuation)."""
     heads = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    width = max(len(h) + len(c) for h, c in zip(heads, continuations))
-    ids = torch.full((len(heads), width), tokenizer.pad_token_id)
-    labels = torch.full((len(heads), width), -100)
-    mask = torch.zeros((len(heads), width), dtype=torch.long)
-    for row, (h, c) in enumerate(zip(heads, continuations)):
-        seq = h + c
-        ids[row, :len(seq)] = torch.tensor(seq)
-        labels[row, len(h):len(seq)] = torch.tensor(c)
-        mask[row, :len(seq)] = 1
-    return ids, mask, labels
+    return right_padded([(h + c, len(h)) for h, c in zip(heads, continuations)], tokenizer.pad_token_id)
 
 
 def sequence_nll(model, batch) -> torch.Tensor:
