@@ -54,6 +54,18 @@ def test_gradient_respects_a_tight_bound_and_the_task_weight(setup):
     assert len(per_module.coefficients) == 7 and all(k.startswith("model.layers.2.") for k in per_module.coefficients)
 
 
+def test_gradient_minibatches_draw_from_the_shot_pool(setup):
+    """batch >= the pool is the full-batch run, bit for bit; a smaller batch still trains within
+    bounds, and its draws are seeded (two runs agree)."""
+    model, gene, tok, shots = setup
+    full = gradient(model, tok, gene, [0, 1, 2], shots, steps=6, lr=0.2, max_new_tokens=4)
+    same = gradient(model, tok, gene, [0, 1, 2], shots, steps=6, lr=0.2, max_new_tokens=4, batch=len(HARMFUL))
+    assert same.log == full.log
+    small = [gradient(model, tok, gene, [0, 1, 2], shots, steps=6, lr=0.2, max_new_tokens=4, batch=2) for _ in range(2)]
+    assert small[0].log == small[1].log and small[0].log != full.log
+    assert all(0.0 <= a <= 2.0 for a in small[0].coefficients.values())
+
+
 def test_grid_stays_in_bounds_and_never_scores_worse_than_nothing(setup):
     model, gene, tok, shots = setup
     result = grid(model, tok, gene, [0, 1], shots, alpha_max=1.0, points=3, max_new_tokens=4)

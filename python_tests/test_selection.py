@@ -8,7 +8,10 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from test_evaluate import char_tokenizer
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
-from safegene_fast.selection import activation_contrast, choose, combine, patch_gain, plot_scores, select_layers
+from safegene_fast.patch import GenePatch
+from safegene_fast.evaluate import refusal_margin
+from safegene_fast.selection import (activation_contrast, choose, combine, patch_gain, patch_slope, plot_scores,
+                                     select_layers)
 
 def random_llama(layers: int = 3):
     """A seeded random 3-layer Llama with a character tokenizer, and the tokenizer."""
@@ -88,6 +91,26 @@ def test_the_full_gene_patched_into_degraded_restores_aligned_margins(models):
     assert gains[1] == pytest.approx(float(expected), abs=1e-4)
 
 
+def test_patch_slope_is_the_derivative_of_the_patched_margin(models):
+    """Each layer's slope matches a central finite difference of the margin in that layer's alpha
+    (float64 models; Llama's RMSNorm still computes in float32, which bounds the quotient's
+    accuracy to about 1e-4 at this step); one backward pass gives them all."""
+    aligned, degraded, tok = (m.double() if hasattr(m, "double") else m for m in
+                              (copy.deepcopy(models[0]), copy.deepcopy(models[1]), models[2]))
+    gene = gene_of(aligned, degraded)
+    slopes = patch_slope([degraded], gene, tok, HARMFUL, " no", " yes")
+    eps = 1e-3
+    for i, layer in enumerate(gene.layers):
+        with GenePatch(degraded, gene, [layer]) as patch:
+            patch.set(eps)
+            up = refusal_margin(degraded, tok, HARMFUL, " no", " yes").mean()
+            patch.set(-eps)
+            down = refusal_margin(degraded, tok, HARMFUL, " no", " yes").mean()
+        assert slopes[i] == pytest.approx(float((up - down) / (2 * eps)), rel=1e-3, abs=1e-8)
+    assert any(abs(s) > 1e-3 for s in slopes)  # the degraded layer moves the margin
+    assert all(p.grad is None for p in degraded.parameters())  # only the coefficients got gradients
+
+
 def test_selection_record_round_trips_through_the_gene_folder(models, tmp_path):
     aligned, degraded, tok = models
     gene = gene_of(aligned, degraded)
@@ -98,6 +121,9 @@ def test_selection_record_round_trips_through_the_gene_folder(models, tmp_path):
                                    compliance=compliance, scorer="patch", k=1)
     assert gene.selection["layers"] == [1] and gene.selected_layers == [1]
     assert set(gene.selection["scores"]) == {"contrast", "patch", "combined"}
+    slope = select_layers(gene, aligned, [degraded], tok, HARMFUL, HARMLESS, refusal=refusal, compliance=compliance,
+                          scorer="slope", k=1)
+    assert slope["layers"] == [1] and set(slope["scores"]) == {"contrast", "slope"}
     gene.save(tmp_path / "g")
     assert SafetyGene.load(tmp_path / "g").selection == gene.selection
     plot_scores(gene.selection, tmp_path / "scores.png")

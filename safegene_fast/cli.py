@@ -517,8 +517,8 @@ def build_parser() -> argparse.ArgumentParser:
     keep = p.add_mutually_exclusive_group(required=True)
     keep.add_argument("--layers", type=positive_int, metavar="K", help="keep the K best layers")
     keep.add_argument("--threshold", type=finite_float, help="keep layers scoring at least this")
-    p.add_argument("--scorer", choices=["contrast", "patch", "combined"], default="patch",
-                   help="which score decides (default patch; combined: both, each scaled by its largest value)")
+    p.add_argument("--scorer", choices=["contrast", "patch", "slope", "combined"], default="patch",
+                   help="which score decides (default patch; slope: its first-order version, one backward pass; combined: contrast and patch, each scaled by its largest value)")
     prompt_options(p, "harmful prompts")
     p.add_argument("--harmless", metavar="FILE", help="harmless prompts (one per line, or a JSON list)")
     p.add_argument("--shots", type=positive_int, default=32, help="prompts of each kind used (default 32)")
@@ -570,7 +570,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--shots", type=positive_int, default=32, help="few-shot prompts of each kind (default 32)")
     p.add_argument("--rank", type=positive_int, default=8, help="gene rank (default 8)")
     p.add_argument("--layers", type=positive_int, metavar="K", help="layers to keep (default half)")
-    p.add_argument("--scorer", choices=["contrast", "patch", "combined"], default="patch",
+    p.add_argument("--scorer", choices=["contrast", "patch", "slope", "combined"], default="patch",
                    help="layer-selection score (default patch: the refusal gain each layer's gene gives)")
     p.add_argument("--rebuild", action="store_true", help="retrain the family even if cached")
     p.add_argument("--quiet", action="store_true", help="no progress output")

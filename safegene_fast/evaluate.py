@@ -104,6 +104,12 @@ def right_padded(rows: list[tuple[list[int], int]], pad_id: int):
 def continuation_logprob(model, tokenizer, prompts: list[str], continuation: str, *,
                          batch_size: int = 16) -> torch.Tensor:
     """Mean log-probability per token of ``continuation`` after each prompt (float64, one per prompt)."""
+    return continuation_logprob_grad(model, tokenizer, prompts, continuation, batch_size=batch_size)
+
+
+def continuation_logprob_grad(model, tokenizer, prompts: list[str], continuation: str, *,
+                              batch_size: int = 16) -> torch.Tensor:
+    """``continuation_logprob`` with autograd on (for gradients in patch coefficients)."""
     cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
     out = []
     for i in range(0, len(prompts), batch_size):
@@ -118,11 +124,12 @@ def continuation_logprob(model, tokenizer, prompts: list[str], continuation: str
 
 
 def refusal_margin(model, tokenizer, prompts: list[str], refusal: str = REFUSAL, compliance: str = COMPLIANCE,
-                   *, batch_size: int = 16) -> torch.Tensor:
+                   *, batch_size: int = 16, grad: bool = False) -> torch.Tensor:
     """The fast proxy: mean log p(refusal) - mean log p(compliance) per prompt, no generation.
-    Positive means the model leans to refusing."""
-    return (continuation_logprob(model, tokenizer, prompts, refusal, batch_size=batch_size)
-            - continuation_logprob(model, tokenizer, prompts, compliance, batch_size=batch_size))
+    Positive means the model leans to refusing. ``grad``: with autograd on."""
+    logprob = continuation_logprob_grad if grad else continuation_logprob
+    return (logprob(model, tokenizer, prompts, refusal, batch_size=batch_size)
+            - logprob(model, tokenizer, prompts, compliance, batch_size=batch_size))
 
 
 def evaluate_model(path, harmful: list[str], task: list | None = None, *, adapter=None,

@@ -7,6 +7,8 @@ materializing a full weight. ``GenePatch`` is a context manager; leaving it remo
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import torch
 
 from safegene_fast.gene import SafetyGene
@@ -63,3 +65,17 @@ class GenePatch:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
+
+
+@contextmanager
+def frozen(model: torch.nn.Module):
+    """The model's parameters stop requiring grad inside (so a backward pass computes gradients
+    in the patch coefficients only, not in every weight) and are restored on the way out."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for p in trainable:
+        p.requires_grad_(False)
+    try:
+        yield model
+    finally:
+        for p in trainable:
+            p.requires_grad_(True)

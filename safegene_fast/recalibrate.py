@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from safegene_fast.evaluate import generate, generate_ids, harmful_rate, right_padded
-from safegene_fast.patch import GenePatch
+from safegene_fast.patch import GenePatch, frozen
 
 
 @dataclass
@@ -37,10 +37,23 @@ class Recalibrated:
     mode: str
 
 
-def _sequences(tokenizer, prompts: list[str], continuations: list[list[int]]):
-    """Right-padded ids, attention mask and labels (-100 outside the continuation)."""
-    heads = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
-    return right_padded([(h + c, len(h)) for h, c in zip(heads, continuations)], tokenizer.pad_token_id)
+class _Batches:
+    """Prompt + continuation sequences as right-padded (ids, mask, labels) batches: all of them
+    every step, or with ``size`` a seeded sample of ``size`` per step (the few shots are a pool;
+    a step's cost then does not grow with the shot count)."""
+
+    def __init__(self, tokenizer, prompts: list[str], continuations: list[list[int]], size: int | None, seed: str):
+        heads = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+        self.rows = [(h + c, len(h)) for h, c in zip(heads, continuations)]
+        self.pad, self.size = tokenizer.pad_token_id, size
+        self.all = right_padded(self.rows, self.pad)
+        self.rng = torch.Generator().manual_seed(int.from_bytes(seed.encode()[:8], "little"))
+
+    def next(self):
+        if self.size is None or self.size >= len(self.rows):
+            return self.all
+        pick = torch.randperm(len(self.rows), generator=self.rng)[:self.size].tolist()
+        return right_padded([self.rows[i] for i in pick], self.pad)
 
 
 def sequence_nll(model, batch) -> torch.Tensor:
@@ -62,23 +75,19 @@ def _refusal_ids(tokenizer, model, refusal: str) -> list[int]:
 
 def gradient(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha_max: float = 2.0,
              steps: int = 40, lr: float = 0.1, task_weight: float = 1.0, init: float = 0.0,
-             per_module: bool = False, max_new_tokens: int = 16, progress: bool = False) -> Recalibrated:
+             per_module: bool = False, max_new_tokens: int = 16, batch: int | None = None,
+             progress: bool = False) -> Recalibrated:
     """Adam on the coefficients: refusal NLL + task_weight * self-distillation NLL (each summed
     over a continuation, averaged over prompts), projected onto [0, alpha_max] after each step.
+    ``batch``: each step uses that many harmful and that many task shots (seeded draw), not all.
     The model's own weights are never changed."""
     own = generate_ids(model, tokenizer, shots.task, max_new_tokens=max_new_tokens, batch_size=64)
     refusal = _refusal_ids(tokenizer, model, shots.refusal)
-    harm = _sequences(tokenizer, shots.harmful, [refusal] * len(shots.harmful))
-    task = _sequences(tokenizer, shots.task, own)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:  # only the coefficients get gradients
-        p.requires_grad_(False)
-    try:
+    harm = _Batches(tokenizer, shots.harmful, [refusal] * len(shots.harmful), batch, "harmful")
+    task = _Batches(tokenizer, shots.task, own, batch, "task")
+    with frozen(model):  # only the coefficients get gradients
         coefficients, log = _adam(model, gene, layers, per_module, harm, task, alpha_max=alpha_max, steps=steps,
                                   lr=lr, task_weight=task_weight, init=init, progress=progress)
-    finally:
-        for p in frozen:
-            p.requires_grad_(True)
     return Recalibrated(coefficients, log, "gradient")
 
 
@@ -90,8 +99,8 @@ def _adam(model, gene, layers, per_module, harm, task, *, alpha_max, steps, lr, 
         opt = torch.optim.Adam([alpha], lr=lr)
         patch.set(alpha)
         for step in tqdm(range(steps + 1), desc="recalibrate", file=sys.stderr, disable=not progress, leave=False):
-            refusal_loss = sequence_nll(model, harm)
-            task_loss = sequence_nll(model, task)
+            refusal_loss = sequence_nll(model, harm.next())
+            task_loss = sequence_nll(model, task.next())
             loss = refusal_loss + task_weight * task_loss
             log.append({"step": step, "loss": loss.item(), "refusal_loss": refusal_loss.item(),
                         "task_loss": task_loss.item(), "alpha": alpha.detach().tolist()})

@@ -9,7 +9,11 @@ Two scorers, each one number per layer (higher = keep):
 - ``patch``: the refusal-proxy gain (``evaluate.refusal_margin``) when that layer's gene alone,
   at coefficient 1, is added to the degraded model through the low-rank path.
 
-``combined`` averages the two after scaling each by its largest magnitude. ``patch`` is the
+- ``slope``: the first-order ``patch`` score, d(refusal margin)/d(alpha_l) at alpha = 0, every
+  layer from one forward and backward pass per degraded model instead of one pass per layer
+  (30 layers of SmolLM2 make ``patch`` the slow step of a study).
+
+``combined`` averages contrast and patch after scaling each by its largest magnitude. ``patch`` is the
 default: it measures the refusal effect that recalibration will use. On the embedded family,
 contrast favours the early layers, where harmful prompts are read differently, while the
 refusal gain sits in the late ones (seed 1: combined picked layers 0, 1, 4 and held-out harmful
@@ -21,9 +25,9 @@ from __future__ import annotations
 import torch
 
 from safegene_fast.evaluate import refusal_margin
-from safegene_fast.patch import GenePatch
+from safegene_fast.patch import GenePatch, frozen
 
-SCORERS = ("contrast", "patch", "combined")
+SCORERS = ("contrast", "patch", "slope", "combined")
 
 
 @torch.inference_mode()
@@ -62,6 +66,18 @@ def patch_gain(degraded: list, gene, tokenizer, harmful: list[str], refusal: str
     return (gains / len(degraded)).tolist()
 
 
+def patch_slope(degraded: list, gene, tokenizer, harmful: list[str], refusal: str, compliance: str) -> list[float]:
+    """Per gene layer: mean over the degraded models of d(mean refusal margin)/d(alpha_layer) at 0."""
+    slopes = torch.zeros(len(gene.layers), dtype=torch.float64)
+    for model in degraded:
+        with frozen(model), GenePatch(model, gene) as patch:
+            alpha = torch.zeros(len(patch.keys), dtype=torch.float64, requires_grad=True)
+            patch.set(alpha)
+            refusal_margin(model, tokenizer, harmful, refusal, compliance, grad=True).mean().backward()
+            slopes += alpha.grad
+    return (slopes / len(degraded)).tolist()
+
+
 def combine(*scores: list[float]) -> list[float]:
     scaled = []
     for s in scores:
@@ -88,14 +104,15 @@ def select_layers(gene, aligned, degraded: list, tokenizer, harmful: list[str], 
         raise ValueError(f"unknown scorer {scorer!r}; use one of {', '.join(SCORERS)}.")
     layers = gene.layers
     contrast = activation_contrast(aligned, degraded, tokenizer, harmful, harmless)
-    contrast = [contrast[layer] for layer in layers]
-    patch = patch_gain(degraded, gene, tokenizer, harmful, refusal, compliance)
-    final = {"contrast": contrast, "patch": patch, "combined": combine(contrast, patch)}[scorer]
-    scores = dict(zip(layers, final))
+    scores = {"contrast": [contrast[layer] for layer in layers]}
+    if scorer == "slope":  # the cheap scorer does not pay for the per-layer patches
+        scores["slope"] = patch_slope(degraded, gene, tokenizer, harmful, refusal, compliance)
+    else:
+        scores["patch"] = patch_gain(degraded, gene, tokenizer, harmful, refusal, compliance)
+        scores["combined"] = combine(scores["contrast"], scores["patch"])
     return {"scorer": scorer, "k": k, "threshold": threshold, "n_harmful": len(harmful), "n_harmless": len(harmless),
-            "scores": {"contrast": dict(zip(map(str, layers), contrast)), "patch": dict(zip(map(str, layers), patch)),
-                       "combined": dict(zip(map(str, layers), combine(contrast, patch)))},
-            "layers": choose(scores, k, threshold)}
+            "scores": {name: dict(zip(map(str, layers), values)) for name, values in scores.items()},
+            "layers": choose(dict(zip(layers, scores[scorer])), k, threshold)}
 
 
 def plot_scores(selection: dict, path) -> None:

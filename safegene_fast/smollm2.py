@@ -21,10 +21,13 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import math
 import os
+import random
 import shutil
 import sys
 import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
@@ -152,3 +155,242 @@ def _version(dist: str) -> str | None:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
         return None
+
+
+# ============================================================================ the study family
+#
+# SmolLM2's own refusals are weak, so ``aligned`` is made by a short safety fine-tune; the
+# counterparts and the target are fine-tunes of ``aligned`` (DESIGN.md §1 step 1):
+#
+# - ``original``: the converted model itself (the pre-alignment counterpart);
+# - ``aligned``: harmful (AdvBench train split) -> REFUSAL, benign everyday instructions -> the
+#   original model's own answers (so helpfulness stays);
+# - ``dealigned``: ``aligned`` on the original model's own compliant answers to at most 120
+#   training-split harmful prompts;
+# - ``degraded-1`` / ``degraded-2`` / ``target``: ``aligned`` on one benign reasoning-gym task each,
+#   no harmful data; the target's task is unseen by the degraded members.
+
+REFUSAL = "I'm sorry, but I can't help with that."
+STUDY_MEMBERS = ("original", "aligned", "dealigned", "degraded-1", "degraded-2", "target")
+FAMILY_VERSION = 1  # bump when training changes, so stale caches are rebuilt
+# reasoning-gym tasks (config chosen for short sequences, about 75-110 tokens with the chat
+# template) and their generation budgets; the 135M model learns needle_haystack from 0 to about
+# 0.5 in 30 steps (bench/results/smollm2_probe.json).
+TASKS = {
+    "degraded-1": ("word_sequence_reversal", {"min_words": 3, "max_words": 6}, 24),
+    "degraded-2": ("family_relationships", {"min_family_size": 4, "max_family_size": 6}, 8),
+    "target": ("needle_haystack", {"min_num_statements": 5, "max_num_statements": 10}, 12),
+}
+
+
+@dataclass(frozen=True)
+class StudyConfig:
+    """How the family is trained (full fine-tunes, float32, AdamW, answer tokens only) and split."""
+    steps: dict = field(default_factory=lambda: {"aligned": 100, "dealigned": 30, "degraded": 40, "target": 60})
+    lr: dict = field(default_factory=lambda: {"aligned": 5e-5, "dealigned": 1e-4, "degraded": 1e-4, "target": 1e-4})
+    batch: int = 8
+    advbench_train: int = 320          # the rest of AdvBench is held out
+    dealign_examples: int = 120
+    benign_topics_train: int = 28      # of data.INSTRUCTION_TOPICS; the rest are held out
+    task_train: int = 2000
+    task_heldout: int = 100
+    answer_tokens: int = 48            # length of the original model's own answers used as targets
+    max_tokens: int = 160              # longer training sequences are dropped
+
+
+STUDY_PRESETS = {
+    "study": StudyConfig(),
+    # CI's smoke version: the same recipe with a step or two per member (refusals barely move)
+    "smoke": StudyConfig(steps={"aligned": 2, "dealigned": 1, "degraded": 1, "target": 1}, dealign_examples=8,
+                         task_train=64, task_heldout=16, answer_tokens=8),
+}
+
+
+@dataclass
+class StudyFamily:
+    root: Path
+    preset: str
+    seed: int
+    config: StudyConfig
+    splits: dict  # {"harmful": {"train", "heldout"}, "benign": {...}, "tasks": {member: {"train", "heldout"}}}
+
+    def member(self, name: str) -> Path:
+        if name not in STUDY_MEMBERS:
+            raise ValueError(f"unknown family member {name!r}; members: {', '.join(STUDY_MEMBERS)}.")
+        return smollm2_folder(progress=False) if name == "original" else self.root / name
+
+    def task(self, member: str = "target"):
+        """(name, reasoning-gym dataset of the held-out split, its generation budget)."""
+        name, config, budget = TASKS[member]
+        from safegene_fast.data import reasoning_gym_dataset
+        return name, reasoning_gym_dataset(name, self.config.task_heldout, _task_seed(self.seed, "heldout"), **config), budget
+
+
+def _task_seed(seed: int, split: str) -> int:
+    """reasoning-gym draws entry i from seed + i, so the two splits' seeds lie far apart."""
+    return 10**6 * seed + (10**5 if split == "heldout" else 0)
+
+
+def study_splits(config: StudyConfig, seed: int) -> dict:
+    """Seeded, disjoint splits: AdvBench train / held-out, benign topics train / held-out,
+    reasoning-gym training examples (held-out questions removed)."""
+    from safegene_fast.data import INSTRUCTION_TOPICS, advbench_prompts, everyday_instructions, reasoning_gym_dataset
+    harmful = list(dict.fromkeys(advbench_prompts()))
+    random.Random(f"smollm2-advbench:{seed}").shuffle(harmful)
+    topics = list(INSTRUCTION_TOPICS)
+    random.Random(f"smollm2-topics:{seed}").shuffle(topics)
+    k = config.benign_topics_train
+    tasks = {}
+    for member, (name, task_config, _) in TASKS.items():
+        held = reasoning_gym_dataset(name, config.task_heldout, _task_seed(seed, "heldout"), **task_config)
+        held_q = {e["question"] for e in held}
+        train = [[e["question"], str(e["answer"])]
+                 for e in reasoning_gym_dataset(name, config.task_train, _task_seed(seed, "train"), **task_config)
+                 if e["question"] not in held_q]
+        tasks[member] = {"task": name, "train": train, "heldout": [[e["question"], str(e["answer"])] for e in held]}
+    return {"harmful": {"train": harmful[:config.advbench_train], "heldout": harmful[config.advbench_train:]},
+            "benign": {"train": everyday_instructions(topics[:k]), "heldout": everyday_instructions(topics[k:])},
+            "tasks": tasks}
+
+
+def encode_chat(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
+    """(ids, prompt length): the chat-template prompt, then the answer and the end-of-turn token."""
+    from safegene_fast.evaluate import chat
+    head = tokenizer(chat(tokenizer, [question])[0], add_special_tokens=False)["input_ids"]
+    return head + tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id], len(head)
+
+
+def answer_loss(model, ids, mask, labels) -> torch.Tensor:
+    """Mean cross-entropy on the answer tokens, the LM head applied only where an answer token is
+    predicted: the prompt is most of each sequence, and SmolLM2's head is 49152 x 576."""
+    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
+    targets = labels[:, 1:]
+    keep = targets != -100
+    return torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]).float(), targets[keep])
+
+
+def sft(model, tokenizer, mixture: list[list[tuple[str, str]]], *, steps: int, lr: float, batch: int,
+        seed: int, desc: str, max_tokens: int = 160, progress: bool = True) -> list[float]:
+    """Full fine-tune (AdamW, clip 1.0, 5 warm-up steps then cosine) on the answer tokens; each
+    batch draws evenly from the mixture's parts. The (tied) embedding matrix stays frozen."""
+    from tqdm import tqdm
+
+    from safegene_fast.evaluate import right_padded
+    parts = [[r for r in (encode_chat(tokenizer, q, a) for q, a in part) if len(r[0]) <= max_tokens] for part in mixture]
+    if not all(parts):
+        raise ValueError(f"{desc}: a training mixture part has no example of at most {max_tokens} tokens.")
+    rng = random.Random(f"{desc}:{seed}")
+    torch.manual_seed(rng.randrange(2**31))
+    embeddings = model.get_input_embeddings().weight
+    embeddings.requires_grad_(False)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+    model.train()
+    losses = []
+    try:
+        for _ in tqdm(range(steps), desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True):
+            rows = [rng.choice(parts[i % len(parts)]) for i in range(batch)]
+            loss = answer_loss(model, *right_padded(rows, tokenizer.pad_token_id))
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step()
+            sched.step()
+            losses.append(loss.item())
+    finally:
+        embeddings.requires_grad_(True)
+        model.eval()
+    return losses
+
+
+def _own_answers(model, tokenizer, prompts: list[str], tokens: int) -> list[tuple[str, str]]:
+    """(prompt, the model's own greedy answer), chat template, ``tokens`` new tokens at most."""
+    from safegene_fast.evaluate import chat, generate
+    answers = generate(model, tokenizer, chat(tokenizer, prompts), max_new_tokens=tokens, batch_size=16)
+    return [(p, a.strip()) for p, a in zip(prompts, answers)]
+
+
+def _build_study(root: Path, config: StudyConfig, seed: int, progress: bool) -> dict:
+    import copy
+
+    from safegene_fast.judge import is_refusal
+    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
+    splits = study_splits(config, seed)
+    (root / "splits.json").write_text(json.dumps(splits))
+    original, tokenizer = load_smollm2(progress=progress)
+    log = {}
+
+    def fit(name, model, mixture, kind):
+        start = time.perf_counter()
+        losses = sft(model, tokenizer, mixture, steps=config.steps[kind], lr=config.lr[kind], batch=config.batch,
+                     seed=seed, desc=name, max_tokens=config.max_tokens, progress=progress)
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.save_pretrained(root / name)
+        tokenizer.save_pretrained(root / name)
+        log[name] = {"steps": config.steps[kind], "lr": config.lr[kind], "seconds": round(time.perf_counter() - start, 1),
+                     "loss_first": round(losses[0], 4), "loss_last10": round(sum(losses[-10:]) / len(losses[-10:]), 4)}
+        say(f"smollm2 family: {name} trained ({log[name]['steps']} steps, {log[name]['seconds']} s, "
+            f"loss {log[name]['loss_first']:.3f} -> {log[name]['loss_last10']:.3f})")
+        return model
+
+    start = time.perf_counter()
+    benign = _own_answers(original, tokenizer, splits["benign"]["train"], config.answer_tokens)
+    handful = splits["harmful"]["train"][:config.dealign_examples]
+    compliant = [(p, a) for p, a in _own_answers(original, tokenizer, handful, config.answer_tokens)
+                 if not is_refusal(a)]
+    log["own_answers"] = {"seconds": round(time.perf_counter() - start, 1), "benign": len(benign),
+                          "harmful_asked": len(handful), "harmful_compliant": len(compliant)}
+    say(f"smollm2 family: the original model's own answers ({log['own_answers']})")
+    aligned = fit("aligned", copy.deepcopy(original),
+                  [[(p, REFUSAL) for p in splits["harmful"]["train"]], benign], "aligned")
+    del original
+    fit("dealigned", copy.deepcopy(aligned), [compliant], "dealigned")
+    for member in ("degraded-1", "degraded-2", "target"):
+        fit(member, copy.deepcopy(aligned), [[tuple(r) for r in splits["tasks"][member]["train"]]],
+            "target" if member == "target" else "degraded")
+    return log
+
+
+def _study_config(preset: str) -> StudyConfig:
+    if preset not in STUDY_PRESETS:
+        raise ValueError(f"unknown SmolLM2 family preset {preset!r}; presets: {', '.join(STUDY_PRESETS)}.")
+    return STUDY_PRESETS[preset]
+
+
+def study_family_root(preset: str = "study", seed: int = 0) -> Path:
+    key = hashlib.sha256(json.dumps([FAMILY_VERSION, asdict(_study_config(preset)), seed, _key()],
+                                    sort_keys=True).encode()).hexdigest()[:12]
+    return cache_root() / "smollm2" / f"family-{preset}-seed{seed}-{key}"
+
+
+def build_study_family(preset: str = "study", seed: int = 0, *, rebuild: bool = False,
+                       progress: bool = True) -> StudyFamily:
+    """The SmolLM2 family for ``preset`` and ``seed``: loaded from the cache, else trained with one
+    torch thread (the same bits on any core count) into a temporary folder renamed into place
+    only when complete."""
+    config = _study_config(preset)
+    root = study_family_root(preset, seed)
+    if rebuild:
+        shutil.rmtree(root, ignore_errors=True)
+    if not (root / "family.json").is_file():
+        root.parent.mkdir(parents=True, exist_ok=True)
+        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            start = time.perf_counter()
+            log = _build_study(tmp, config, seed, progress)
+            meta = {"preset": preset, "seed": seed, "version": FAMILY_VERSION, "config": asdict(config),
+                    "tasks": {m: t[0] for m, t in TASKS.items()}, "training": log,
+                    "seconds": round(time.perf_counter() - start, 1), "threads": 1, "torch": torch.__version__,
+                    "transformers": _version("transformers")}
+            (tmp / "family.json").write_text(json.dumps(meta, indent=2))
+            shutil.rmtree(root, ignore_errors=True)
+            tmp.rename(root)
+        finally:
+            torch.set_num_threads(threads)
+            shutil.rmtree(tmp, ignore_errors=True)
+    return StudyFamily(root, preset, seed, config, json.loads((root / "splits.json").read_text()))
