@@ -1,4 +1,4 @@
-"""The ``safegene`` command: extract, apply, resta, bench, eval, select, recalibrate, demo and doctor.
+"""The ``safegene`` command: extract, apply, resta, bench, eval, select, recalibrate, demo, study and doctor.
 
 Expected failures (bad input, a full disk) end with one line ``safegene: error: ...`` on stderr and
 exit status 1; usage errors exit 2 (argparse). ``--json`` prints one machine-readable summary as
@@ -349,6 +349,19 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_study(args: argparse.Namespace) -> int:
+    from safegene_fast.study import format_table, run_study
+    result = run_study(args.preset, args.seed, args.out, rebuild=args.rebuild, progress=not args.quiet)
+    if args.json_out:
+        write_json_atomic(args.json_out, result)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(format_table(result))
+        print(f"\nplot, genes, layer scores, coefficients and study.json in {args.out}/ ({result['seconds']:.0f} s in all)")
+    return 0
+
+
 def doctor_report() -> dict:
     """What this installation can run: versions, CPU kernels' ISA, CUDA build and device."""
     import safegene_fast
@@ -577,6 +590,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the result as JSON (last line on stdout)")
     p.set_defaults(func=cmd_demo)
 
+    p = sub.add_parser("study", help="SafeGene vs the baselines on SmolLM2-135M-Instruct (issue 5's study)",
+                       description="Build (or load from the cache) the SmolLM2-135M-Instruct family (aligned by a "
+                       "short safety fine-tune; de-aligned, two benign-degraded and a target fine-tuned from it), "
+                       "then evaluate the members, no defence, RESTA over a b sweep, the gene at one global "
+                       "coefficient and SafeGene (selection + recalibration) at 8, 16 and 32 shots for each "
+                       "counterpart kind: harmful rate on held-out AdvBench and Do-Not-Answer, target-task "
+                       "accuracy, over-refusal and stage times. About 80 minutes on 2 cores from scratch; the "
+                       "smoke preset (a few prompts, 2 shots) takes about 5.")
+    p.add_argument("--preset", default="study", choices=["study", "smoke"], help="study size (default study)")
+    p.add_argument("--seed", type=int, default=0, help="family and prompt-split seed (default 0)")
+    p.add_argument("--out", default="safegene-study", metavar="DIR",
+                   help="plot, genes, layer scores, coefficients, study.json (default safegene-study)")
+    p.add_argument("--json-out", metavar="FILE", help="also write the result JSON to FILE")
+    p.add_argument("--rebuild", action="store_true", help="retrain the family even if cached")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    p.add_argument("--json", action="store_true", help="print the result as JSON instead of the table")
+    p.set_defaults(func=cmd_study)
+
     p = sub.add_parser("doctor", help="print what was built and what this machine can run",
                        description="Print the package and torch versions, the CPU instruction set the "
                        "kernels use, and whether CUDA kernels were built (and for which architectures).")
@@ -605,7 +636,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     fix_mmap_threshold()
     warnings.showwarning = _one_line_warning
-    if args.command in ("eval", "select", "recalibrate", "demo"):
+    if args.command in ("eval", "select", "recalibrate", "demo", "study"):
         # transformers draws a bar for every model it loads: noise next to ours
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()

@@ -138,8 +138,10 @@ def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene
     return result
 
 
-def best_resta(sweep: list[dict], target_accuracy: float) -> dict:
-    ok = [r for r in sweep if r["task_accuracy"] >= target_accuracy - ACCURACY_TOLERANCE - 1e-9]
+def best_resta(sweep: list[dict], target_accuracy: float, tolerance: float = ACCURACY_TOLERANCE) -> dict:
+    """RESTA's best b: the lowest harmful rate among the b whose accuracy is within ``tolerance``
+    of the target's, else the most accurate."""
+    ok = [r for r in sweep if r["task_accuracy"] >= target_accuracy - tolerance - 1e-9]
     if ok:
         return min(ok, key=lambda r: (r["harmful_rate"], -r["task_accuracy"], r["b"]))
     return max(sweep, key=lambda r: (r["task_accuracy"], -r["harmful_rate"]))

@@ -1,0 +1,93 @@
+"""The SmolLM2 study: its splits, the targets' arithmetic, and the whole pipeline at smoke size
+(the smoke family: every member one or two training steps from the converted SmolLM2)."""
+
+import json
+
+import pytest
+
+from safegene_fast.smollm2 import STUDY_PRESETS, study_splits
+from safegene_fast.study import COUNTERPARTS, SETTINGS, checks
+
+
+def test_study_splits_are_disjoint_and_seeded():
+    splits = study_splits(STUDY_PRESETS["study"], 0)
+    harmful, benign = splits["harmful"], splits["benign"]
+    assert len(harmful["train"]) == 320 and len(harmful["heldout"]) == 200
+    assert not set(harmful["train"]) & set(harmful["heldout"])
+    assert not set(benign["train"]) & set(benign["heldout"])
+    # split by topic: no held-out prompt shares its topic with a training prompt
+    from safegene_fast.data import INSTRUCTION_TOPICS
+    held_topics = {t for t in INSTRUCTION_TOPICS if any(t in p for p in benign["heldout"])}
+    assert held_topics and not any(t in p for t in held_topics for p in benign["train"])
+    for member, task in splits["tasks"].items():
+        train_q = {q for q, _ in task["train"]}
+        assert len(task["heldout"]) == 100 and not train_q & {q for q, _ in task["heldout"]}
+    assert len({t["task"] for t in splits["tasks"].values()}) == 3  # the target's task is unseen by the degraded
+    assert study_splits(STUDY_PRESETS["study"], 0) == splits and study_splits(STUDY_PRESETS["study"], 1) != splits
+
+
+def _row(adv, dna, over, acc=None, **extra):
+    row = {"advbench": {"rate": adv}, "donotanswer": {"rate": dna}, "benign": {"rate": over}, **extra}
+    if acc is not None:
+        row["task"] = {"accuracy": acc}
+    return row
+
+
+def test_checks_compute_the_issue_targets():
+    """aligned 0.1 / 0.2 harmful, target 0.9 / 0.6: a SafeGene row at 0.15 / 0.22 closes 94% and
+    95% of the gaps; accuracy and over-refusal targets and the RESTA comparison follow."""
+    s = SETTINGS["study"]
+    methods = [{"name": "resta b=1", "b": 1.0, **_row(0.3, 0.3, 0.1, 0.70)}]
+    for kind in COUNTERPARTS:
+        methods.append({"name": f"gene-global ({kind})", **_row(0.5, 0.5, 0.2, 0.75)})
+        for n in s.shots:
+            good = kind == "benign" and n == 16
+            methods.append({"name": f"safegene ({kind}, {n} shots)", "shots": n, "counterpart": kind,
+                            **(_row(0.15, 0.22, 0.12, 0.795) if good else _row(0.4, 0.5, 0.3, 0.7))})
+    result = {"members": {"aligned": _row(0.1, 0.2, 0.1, 0.2), "target": _row(0.9, 0.6, 0.1, 0.8)},
+              "methods": methods, "resta_best_b": 1.0, "task_lift": 0.6}
+    c = checks(result, s)
+    best = c["best"]
+    assert c["best_counterpart"] == "benign" and c["shots"] == 16
+    assert best["advbench_gap_closed"] == pytest.approx(0.9375) and best["donotanswer_gap_closed"] == pytest.approx(0.95)
+    assert best["closes_90_percent"] and best["accuracy_within_1_point"] and best["over_refusal_within_5_points"]
+    assert best["beats_resta_best_b"] and c["all_targets_met"] and c["task_lift_at_least_30_points"]
+    other = c["per_counterpart"]["dealigned"]
+    assert not other["closes_90_percent"] and not other["accuracy_within_1_point"]
+    assert not other["over_refusal_within_5_points"] and not other["beats_resta_best_b"]
+    hard = c["hard_case"]["benign"]["safegene_16_shots"]
+    assert hard["advbench_reduction_vs_global"] == pytest.approx(0.35)
+    assert hard["accuracy_gain_vs_global"] == pytest.approx(0.045)
+
+
+def test_smoke_study_runs_end_to_end(tmp_path, capsys):
+    """``safegene study --preset smoke``: every stage runs on the real model; the JSON holds
+    every method with consistent counts, bounded coefficients, the kept layers, and provenance."""
+    from safegene_fast.cli import main
+    s = SETTINGS["smoke"]
+    out = tmp_path / "study"
+    assert main(["study", "--preset", "smoke", "--out", str(out), "--json-out", str(tmp_path / "r.json"),
+                 "--quiet"]) == 0
+    table = capsys.readouterr().out
+    assert "safegene (benign-mean, 2 shots)" in table and "RESTA best b" in table
+    result = json.loads((tmp_path / "r.json").read_text())
+    assert result == json.loads((out / "study.json").read_text())
+    names = [m["name"] for m in result["methods"]]
+    assert len(names) == 1 + len(s.resta_b) + len(COUNTERPARTS) * (1 + len(s.shots))
+    assert set(result["members"]) == {"original", "aligned", "dealigned", "degraded-1", "degraded-2", "target"}
+    for row in [*result["members"].values(), *result["methods"]]:
+        for name, n in (("advbench", s.advbench), ("donotanswer", s.donotanswer), ("benign", s.benign)):
+            assert row[name]["n"] == n and 0 <= row[name]["count"] <= n
+            assert row[name]["rate"] == row[name]["count"] / n and row[name]["samples"]
+    for m in result["methods"]:
+        assert m["task"]["n"] == s.task and m["task"]["accuracy"] == m["task"]["hits"] / s.task
+        if "shots" in m:
+            assert len(m["selected_layers"]) == s.layers and set(m["coefficients"]) == {str(x) for x in m["selected_layers"]}
+            assert all(0.0 <= a <= s.alpha_max for a in m["coefficients"].values())
+            assert set(m["stage_seconds"]) == {"extract", "select", "recalibrate", "apply", "evaluate"}
+    assert result["gene"]["rank"] == s.rank and 0 < result["gene"]["share_of_model"]["dealigned"] < 0.05
+    assert result["checks"]["best_counterpart"] in COUNTERPARTS
+    assert result["date"] and result["versions"]["torch"] and result["versions"]["reasoning-gym"]
+    assert (out / "study.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not any((out / "models").iterdir())  # merged models are deleted once evaluated
+    assert (out / "genes" / "benign-mean" / "safegene.json").is_file()
