@@ -6,11 +6,16 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.safegene-built
 NATIVE_INPUTS := requirements.txt requirements-data.txt setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f)
 
-.PHONY: demo test bench table doctor clean
+.PHONY: demo study test bench table doctor clean
 
 ## demo: the main job: SafeGene vs the baselines on the embedded model family (built on first use)
 demo: $(STAMP)
 	$(PY) -m safegene_fast demo
+
+## study: issue 5's study on SmolLM2-135M-Instruct (family built on first use, ~80 min on 2 cores)
+study: $(STAMP)
+	$(PY) -m safegene_fast study --out safegene-study --json-out bench/results/smollm2_study.json
+	cp safegene-study/study.png bench/results/smollm2_study.png
 
 ## table: benchmark table of the fused kernels and rsvd on generated data
 table: $(STAMP)
