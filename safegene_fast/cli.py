@@ -352,6 +352,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def cmd_study(args: argparse.Namespace) -> int:
     from safegene_fast.study import format_table, run_study
     result = run_study(args.preset, args.seed, args.out, rebuild=args.rebuild, progress=not args.quiet)
+    result["command"] = "safegene " + " ".join(sys.argv[1:])
     if args.json_out:
         write_json_atomic(args.json_out, result)
     if args.json:

@@ -63,7 +63,7 @@ class StudySettings:
     task: int = 100            # held-out target-task questions
     benign: int = 64           # held-out benign instructions (over-refusal)
     shots: tuple = (8, 16, 32)  # harmful few-shot prompts (AdvBench training split)
-    task_shots: int = 8        # target-task prompts for self-distillation
+    task_shots: int = 8        # target-task prompts, and as many benign ones, for self-distillation
     rank: int = 16
     layers: int = 10           # layers kept by selection (of 30)
     scorer: str = "slope"
@@ -195,8 +195,10 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
     a_model, _ = load_model(aligned)
     size = {"model_bytes": folder_bytes(target), "genes": {}}
     pool = fam.splits["harmful"]["train"][fam.config.dealign_examples:]   # not in the de-aligned member's data
-    task_pool = [q for q, _ in fam.splits["tasks"]["target"]["train"][:s.task_shots]]
-    harmless = [q for q in fam.splits["benign"]["train"]]
+    harmless = list(fam.splits["benign"]["train"])
+    # what recalibration keeps (self-distillation): the target's task and everyday instructions,
+    # so neither accuracy nor general helpfulness pays for the refusals
+    keep_pool = [q for q, _ in fam.splits["tasks"]["target"]["train"][:s.task_shots]] + harmless[-s.task_shots:]
     for kind, members in COUNTERPARTS.items():
         t0 = time.perf_counter()
         gene = extract(aligned, [fam.member(m) for m in members], rank=s.rank)
@@ -220,7 +222,7 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
             plot_scores(gene.selection, out / f"layer-scores-{kind}-{shots}.png")
             t0 = time.perf_counter()
             cal = gradient(t_model, tokenizer, gene, gene.selected_layers,
-                           FewShot(harm, REFUSAL, chat(tokenizer, task_pool)), alpha_max=s.alpha_max, steps=s.steps,
+                           FewShot(harm, REFUSAL, chat(tokenizer, keep_pool)), alpha_max=s.alpha_max, steps=s.steps,
                            lr=s.lr, init=1.0, batch=s.batch, max_new_tokens=evaluate.task_tokens)
             t_recal = time.perf_counter() - t0
             (out / f"coeffs-{kind}-{shots}.json").write_text(json.dumps(cal.coefficients, indent=2))
@@ -230,6 +232,7 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
                    {"extract": t_extract, "select": t_select, "recalibrate": t_recal, "apply": time.perf_counter() - t0},
                    counterpart=kind, shots=shots, selected_layers=gene.selected_layers,
                    layer_scores=gene.selection["scores"][s.scorer], coefficients=cal.coefficients,
+                   coefficient_summary=_summary_of(cal.coefficients, len(gene.layers)),
                    recalibration_loss={"first": cal.log[0]["loss"], "last": cal.log[-1]["loss"]})
         del d_models
     result["gene"] = {"rank": s.rank, "model_mb": round(size["model_bytes"] / 1e6, 1),
@@ -241,6 +244,13 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
     plot_study(result, out / "study.png")
     (out / "study.json").write_text(json.dumps(result, indent=2))
     return result
+
+
+def _summary_of(coefficients: dict, layers: int) -> dict:
+    """The recalibrated coefficients next to the global one (1.0 on every one of ``layers``)."""
+    values = list(coefficients.values())
+    return {"layers_patched": len(values), "of_layers": layers, "min": min(values), "max": max(values),
+            "mean": sum(values) / len(values), "total_vs_global": sum(values) / layers}
 
 
 def _mean_harmful(row: dict) -> float:
@@ -310,8 +320,7 @@ def provenance() -> dict:
     except OSError:
         commit = None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": "safegene " + " ".join(sys.argv[1:]) if sys.argv and sys.argv[0].endswith("safegene")
-            else " ".join(sys.argv), "git_commit": commit,
+            "command": " ".join(sys.argv), "git_commit": commit,
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "platform": platform.platform()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
