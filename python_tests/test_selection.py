@@ -123,7 +123,12 @@ def test_selection_record_round_trips_through_the_gene_folder(models, tmp_path):
     assert set(gene.selection["scores"]) == {"contrast", "patch", "combined"}
     slope = select_layers(gene, aligned, [degraded], tok, HARMFUL, HARMLESS, refusal=refusal, compliance=compliance,
                           scorer="slope", k=1)
-    assert slope["layers"] == [1] and set(slope["scores"]) == {"contrast", "slope"}
+    assert set(slope["scores"]) == {"contrast", "slope_harmful", "slope_harmless", "slope"}
+    parts = slope["scores"]  # only layer 1 has a gene here; whether it beats 0 depends on the harmless slope
+    assert slope["layers"] == [int(max(parts["slope"], key=parts["slope"].get))]
+    assert parts["slope"]["0"] == parts["slope"]["2"] == 0.0
+    assert parts["slope"]["1"] == pytest.approx(parts["slope_harmful"]["1"] - parts["slope_harmless"]["1"])
+    assert parts["slope_harmful"]["1"] == pytest.approx(patch_slope([degraded], gene, tok, HARMFUL, refusal, compliance)[1])
     gene.save(tmp_path / "g")
     assert SafetyGene.load(tmp_path / "g").selection == gene.selection
     plot_scores(gene.selection, tmp_path / "scores.png")

@@ -532,7 +532,7 @@ def build_parser() -> argparse.ArgumentParser:
     keep.add_argument("--layers", type=positive_int, metavar="K", help="keep the K best layers")
     keep.add_argument("--threshold", type=finite_float, help="keep layers scoring at least this")
     p.add_argument("--scorer", choices=["contrast", "patch", "slope", "combined"], default="patch",
-                   help="which score decides (default patch; slope: its first-order version, one backward pass; combined: contrast and patch, each scaled by its largest value)")
+                   help="which score decides (default patch; slope: its first-order version on harmful minus harmless prompts, one backward pass each; combined: contrast and patch, each scaled by its largest value)")
     prompt_options(p, "harmful prompts")
     p.add_argument("--harmless", metavar="FILE", help="harmless prompts (one per line, or a JSON list)")
     p.add_argument("--shots", type=positive_int, default=32, help="prompts of each kind used (default 32)")

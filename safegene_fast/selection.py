@@ -9,9 +9,13 @@ Two scorers, each one number per layer (higher = keep):
 - ``patch``: the refusal-proxy gain (``evaluate.refusal_margin``) when that layer's gene alone,
   at coefficient 1, is added to the degraded model through the low-rank path.
 
-- ``slope``: the first-order ``patch`` score, d(refusal margin)/d(alpha_l) at alpha = 0, every
-  layer from one forward and backward pass per degraded model instead of one pass per layer
-  (30 layers of SmolLM2 make ``patch`` the slow step of a study).
+- ``slope``: how much more a layer's gene raises the refusal margin on harmful prompts than on
+  harmless ones, to first order: d(margin)/d(alpha_l) at alpha = 0 on the harmful prompts minus
+  the same on the harmless prompts. Every layer comes from one forward and backward pass per
+  degraded model and prompt set, instead of one pass per layer (30 layers of SmolLM2 make
+  ``patch`` the slow step of a study). Subtracting the harmless slope keeps the layers whose
+  refusals are specific: on SmolLM2 the harmful slope alone favours the last layers, which raise
+  refusals on benign prompts nearly as much (bench/results/smollm2_study.json).
 
 ``combined`` averages contrast and patch after scaling each by its largest magnitude. ``patch`` is the
 default: it measures the refusal effect that recalibration will use. On the embedded family,
@@ -106,7 +110,9 @@ def select_layers(gene, aligned, degraded: list, tokenizer, harmful: list[str], 
     contrast = activation_contrast(aligned, degraded, tokenizer, harmful, harmless)
     scores = {"contrast": [contrast[layer] for layer in layers]}
     if scorer == "slope":  # the cheap scorer does not pay for the per-layer patches
-        scores["slope"] = patch_slope(degraded, gene, tokenizer, harmful, refusal, compliance)
+        scores["slope_harmful"] = patch_slope(degraded, gene, tokenizer, harmful, refusal, compliance)
+        scores["slope_harmless"] = patch_slope(degraded, gene, tokenizer, harmless, refusal, compliance)
+        scores["slope"] = [a - b for a, b in zip(scores["slope_harmful"], scores["slope_harmless"])]
     else:
         scores["patch"] = patch_gain(degraded, gene, tokenizer, harmful, refusal, compliance)
         scores["combined"] = combine(scores["contrast"], scores["patch"])

@@ -65,7 +65,7 @@ class StudySettings:
     shots: tuple = (8, 16, 32)  # harmful few-shot prompts (AdvBench training split)
     task_shots: int = 8        # target-task prompts, and as many benign ones, for self-distillation
     rank: int = 16
-    layers: int = 10           # layers kept by selection (of 30)
+    layers: int = 15           # layers kept by selection (of 30)
     scorer: str = "slope"
     resta_b: tuple = (0.25, 0.5, 1.0, 1.5)
     alpha_max: float = 3.0
