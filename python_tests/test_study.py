@@ -72,6 +72,7 @@ def test_smoke_study_runs_end_to_end(tmp_path, capsys):
     assert "safegene (benign-mean, 2 shots)" in table and "RESTA best b" in table
     result = json.loads((tmp_path / "r.json").read_text())
     assert result == json.loads((out / "study.json").read_text())
+    assert result["command"].startswith("safegene study --preset smoke --out ")
     names = [m["name"] for m in result["methods"]]
     assert len(names) == 1 + len(s.resta_b) + len(COUNTERPARTS) * (1 + len(s.shots))
     assert set(result["members"]) == {"original", "aligned", "dealigned", "degraded-1", "degraded-2", "target"}

@@ -351,8 +351,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from safegene_fast.study import format_table, run_study
-    result = run_study(args.preset, args.seed, args.out, rebuild=args.rebuild, progress=not args.quiet)
-    result["command"] = "safegene " + " ".join(sys.argv[1:])
+    result = run_study(args.preset, args.seed, args.out, rebuild=args.rebuild, progress=not args.quiet,
+                       command="safegene " + " ".join(args.argv))
     if args.json_out:
         write_json_atomic(args.json_out, result)
     if args.json:
@@ -635,6 +635,7 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else list(argv)
     fix_mmap_threshold()
     warnings.showwarning = _one_line_warning
     if args.command in ("eval", "select", "recalibrate", "demo", "study"):

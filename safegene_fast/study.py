@@ -140,7 +140,8 @@ def folder_bytes(path: Path) -> int:
 
 
 def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-study", *,
-              rebuild: bool = False, progress: bool = True) -> dict:
+              rebuild: bool = False, progress: bool = True, command: str | None = None) -> dict:
+    """The study; ``command`` is recorded in the result (default: this process's argv)."""
     if preset not in SETTINGS:
         raise ValueError(f"unknown study preset {preset!r}; presets: {', '.join(SETTINGS)}.")
     s = SETTINGS[preset]
@@ -240,7 +241,7 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
                       "share_of_model": {k: round(v / size["model_bytes"], 4) for k, v in size["genes"].items()}}
     result["checks"] = checks(result, s)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result.update(provenance())
+    result.update(provenance(command))
     plot_study(result, out / "study.png")
     (out / "study.json").write_text(json.dumps(result, indent=2))
     return result
@@ -308,7 +309,7 @@ def checks(result: dict, s: StudySettings) -> dict:
             "task_lift_at_least_30_points": result["task_lift"] >= 0.30 - 1e-9, "hard_case": hard}
 
 
-def provenance() -> dict:
+def provenance(command: str | None = None) -> dict:
     def version(dist):
         try:
             return importlib.metadata.version(dist)
@@ -320,7 +321,7 @@ def provenance() -> dict:
     except OSError:
         commit = None
     return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "command": " ".join(sys.argv), "git_commit": commit,
+            "command": command or " ".join(sys.argv), "git_commit": commit,
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "platform": platform.platform()},
             "versions": {"python": platform.python_version(), "torch": torch.__version__,
