@@ -40,6 +40,8 @@ def main() -> None:
     ap.add_argument("--kind", default="dealigned", choices=list(COUNTERPARTS))
     ap.add_argument("--genes", default="safegene-study/genes", type=Path)
     ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--layers", type=int, nargs="+", default=[15], help="layers kept (default 15)")
+    ap.add_argument("--all-layers", action="store_true", help="also recalibrate every layer (no selection)")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
     from transformers.utils import logging
@@ -87,10 +89,11 @@ def main() -> None:
     harmful_only = dict(zip(gene.layers, sh))
     specific = {layer: a - b for layer, a, b in zip(gene.layers, sh, sb)}
     trial("gene at 1.0 on all layers", None)
-    trial("recalibrate all layers", list(gene.layers))
-    trial("harmful-only slope, k=10", choose(harmful_only, k=10))
-    for k in (10, 15, 20):
+    for k in args.layers:
+        trial(f"harmful-only slope, k={k}", choose(harmful_only, k=k))
         trial(f"harmful-minus-harmless slope, k={k}", choose(specific, k=k))
+    if args.all_layers:
+        trial("recalibrate all layers", list(gene.layers))
     if args.json:
         args.json.write_text(json.dumps({
             "command": "bench/smollm2_selection_trials.py " + " ".join(sys.argv[1:]),
