@@ -150,6 +150,7 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
     models = out / "models"
     shutil.rmtree(models, ignore_errors=True)
     start = time.perf_counter()
+    started = provenance(command)  # the commit the run started from (the checkout may move on)
     fam = build_study_family(preset, seed, rebuild=rebuild, progress=progress)
     t_family = time.perf_counter() - start
     _say(progress, f"family ready in {t_family:.1f} s ({fam.root})")
@@ -241,7 +242,7 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
                       "share_of_model": {k: round(v / size["model_bytes"], 4) for k, v in size["genes"].items()}}
     result["checks"] = checks(result, s)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result.update(provenance(command))
+    result.update({**started, "date": provenance()["date"]})
     plot_study(result, out / "study.png")
     (out / "study.json").write_text(json.dumps(result, indent=2))
     return result
