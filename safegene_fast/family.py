@@ -177,34 +177,52 @@ def _encode(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], in
     return out
 
 
-def train(model, tokenizer, mixture: list[list[tuple[str, str]]], steps: int, config: FamilyConfig,
-          seed: int, desc: str, progress: bool = True, lr: float | None = None) -> list[float]:
-    """AdamW on the answer tokens only; each batch draws evenly from the mixture's parts (each
-    part is one source of (prompt, answer) pairs). Returns the loss per step."""
+def warmup_cosine(opt, warmup: int, steps: int):
+    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
+
+
+def fit_steps(model, opt, sched, parts: list[list[tuple[list[int], int]]], *, batch: int, steps: int, rng,
+              loss_fn, pad: int, desc: str, progress: bool) -> list[float]:
+    """The training loop both families share: each batch draws evenly from ``parts`` (lists of
+    (ids, prompt length)), right-padded; ``loss_fn(model, ids, mask, labels)``; clip 1.0.
+    Returns the loss per step."""
     from tqdm import tqdm
 
     from safegene_fast.evaluate import right_padded
-    parts = [_encode(tokenizer, p) for p in mixture]
-    rng = random.Random(f"{desc}:{seed}")
-    torch.manual_seed(rng.randrange(2**31))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr or config.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    warmup = max(1, steps // 10)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
     model.train()
     losses = []
-    pad = tokenizer.pad_token_id
     for _ in tqdm(range(steps), desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True):
-        ids, mask, labels = right_padded([rng.choice(parts[i % len(parts)]) for i in range(config.batch)], pad)
-        loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
+        ids, mask, labels = right_padded([rng.choice(parts[i % len(parts)]) for i in range(batch)], pad)
+        loss = loss_fn(model, ids, mask, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         sched.step()
         losses.append(loss.item())
-    model.eval()
     return losses
+
+
+def _model_loss(model, ids, mask, labels) -> torch.Tensor:
+    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
+
+
+def train(model, tokenizer, mixture: list[list[tuple[str, str]]], steps: int, config: FamilyConfig,
+          seed: int, desc: str, progress: bool = True, lr: float | None = None) -> list[float]:
+    """AdamW on the answer tokens only; each batch draws evenly from the mixture's parts (each
+    part is one source of (prompt, answer) pairs). Returns the loss per step."""
+    parts = [_encode(tokenizer, p) for p in mixture]
+    rng = random.Random(f"{desc}:{seed}")
+    torch.manual_seed(rng.randrange(2**31))
+    opt = torch.optim.AdamW(model.parameters(), lr=lr or config.lr, weight_decay=0.0, betas=(0.9, 0.98))
+    sched = warmup_cosine(opt, max(1, steps // 10), steps)
+    try:
+        return fit_steps(model, opt, sched, parts, batch=config.batch, steps=steps, rng=rng, loss_fn=_model_loss,
+                         pad=tokenizer.pad_token_id, desc=desc, progress=progress)
+    finally:
+        model.eval()
 
 
 def _own_answers(model, tokenizer, prompts: list[str]) -> list[tuple[str, str]]:

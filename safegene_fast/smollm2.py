@@ -21,7 +21,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import math
 import os
 import random
 import shutil
@@ -273,9 +272,7 @@ def sft(model, tokenizer, mixture: list[list[tuple[str, str]]], *, steps: int, l
         seed: int, desc: str, max_tokens: int = 160, progress: bool = True) -> list[float]:
     """Full fine-tune (AdamW, clip 1.0, 5 warm-up steps then cosine) on the answer tokens; each
     batch draws evenly from the mixture's parts. The (tied) embedding matrix stays frozen."""
-    from tqdm import tqdm
-
-    from safegene_fast.evaluate import right_padded
+    from safegene_fast.family import fit_steps, warmup_cosine
     parts = [[r for r in (encode_chat(tokenizer, q, a) for q, a in part) if len(r[0]) <= max_tokens] for part in mixture]
     if not all(parts):
         raise ValueError(f"{desc}: a training mixture part has no example of at most {max_tokens} tokens.")
@@ -284,24 +281,12 @@ def sft(model, tokenizer, mixture: list[list[tuple[str, str]]], *, steps: int, l
     embeddings = model.get_input_embeddings().weight
     embeddings.requires_grad_(False)
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / 5) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-    model.train()
-    losses = []
     try:
-        for _ in tqdm(range(steps), desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True):
-            rows = [rng.choice(parts[i % len(parts)]) for i in range(batch)]
-            loss = answer_loss(model, *right_padded(rows, tokenizer.pad_token_id))
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            opt.step()
-            sched.step()
-            losses.append(loss.item())
+        return fit_steps(model, opt, warmup_cosine(opt, 5, steps), parts, batch=batch, steps=steps, rng=rng,
+                         loss_fn=answer_loss, pad=tokenizer.pad_token_id, desc=desc, progress=progress)
     finally:
         embeddings.requires_grad_(True)
         model.eval()
-    return losses
 
 
 def _own_answers(model, tokenizer, prompts: list[str], tokens: int) -> list[tuple[str, str]]:

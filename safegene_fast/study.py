@@ -242,7 +242,7 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
                       "share_of_model": {k: round(v / size["model_bytes"], 4) for k, v in size["genes"].items()}}
     result["checks"] = checks(result, s)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    result.update({**started, "date": provenance()["date"]})
+    result.update({**started, "date": _now()})
     plot_study(result, out / "study.png")
     (out / "study.json").write_text(json.dumps(result, indent=2))
     return result
@@ -310,6 +310,10 @@ def checks(result: dict, s: StudySettings) -> dict:
             "task_lift_at_least_30_points": result["task_lift"] >= 0.30 - 1e-9, "hard_case": hard}
 
 
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
 def provenance(command: str | None = None) -> dict:
     def version(dist):
         try:
@@ -321,7 +325,7 @@ def provenance(command: str | None = None) -> dict:
                                 cwd=Path(__file__).parent, check=False).stdout.strip() or None
     except OSError:
         commit = None
-    return {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    return {"date": _now(),
             "command": command or " ".join(sys.argv), "git_commit": commit,
             "machine": {"cpu_count": os.cpu_count(), "torch_threads": torch.get_num_threads(),
                         "platform": platform.platform()},
