@@ -25,14 +25,13 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from safegene_fast.evaluate import chat, generate, load_model  # noqa: E402
+from safegene_fast.evaluate import chat, load_model  # noqa: E402
 from safegene_fast.gene import SafetyGene  # noqa: E402
-from safegene_fast.judge import is_refusal  # noqa: E402
 from safegene_fast.patch import GenePatch  # noqa: E402
 from safegene_fast.recalibrate import FewShot, gradient  # noqa: E402
 from safegene_fast.selection import choose, patch_slope  # noqa: E402
 from safegene_fast.smollm2 import REFUSAL, build_study_family  # noqa: E402
-from safegene_fast.study import COMPLIANCE, COUNTERPARTS, SETTINGS, Evaluator  # noqa: E402
+from safegene_fast.study import COMPLIANCE, COUNTERPARTS, SETTINGS, Evaluator, few_shot_pools, rates  # noqa: E402
 
 
 def main() -> None:
@@ -51,26 +50,14 @@ def main() -> None:
     t_model, tok = load_model(fam.member("target"))
     d_models = [load_model(fam.member(m))[0] for m in COUNTERPARTS[args.kind]]
     gene = SafetyGene.load(args.genes / args.kind)
-    pool = fam.splits["harmful"]["train"][fam.config.dealign_examples:]
-    harmless = list(fam.splits["benign"]["train"])
-    keep = [q for q, _ in fam.splits["tasks"]["target"]["train"][:8]] + harmless[-8:]
+    pool, harmless, keep = few_shot_pools(fam, SETTINGS["study"])
     harm, benign = chat(tok, pool[:args.shots]), chat(tok, harmless[:args.shots])
     rows = []
 
     def evaluate(coeffs: dict) -> dict:
-        out = {}
         with GenePatch(t_model, gene, sorted({int(k) for k in coeffs})) as patch:
             patch.set(coeffs)
-            for name, prompts in ev.prompts.items():
-                answers = generate(t_model, tok, chat(tok, prompts), max_new_tokens=16, batch_size=32)
-                refused = sum(map(is_refusal, answers))
-                out["over_refusal" if name == "benign" else name] = (refused if name == "benign"
-                                                                      else len(answers) - refused) / len(answers)
-            answers = generate(t_model, tok, chat(tok, [e["question"] for e in ev.task_entries]), max_new_tokens=12,
-                               batch_size=32)
-            out["accuracy"] = sum(ev.task_ds.score_answer(a.strip(), e) == 1.0
-                                  for a, e in zip(answers, ev.task_entries)) / len(answers)
-        return out
+            return rates(ev.model(t_model, tok))
 
     def trial(name: str, layers: list[int] | None, **kw) -> None:
         start = time.perf_counter()

@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from safegene_fast.smollm2 import STUDY_PRESETS, study_splits
-from safegene_fast.study import COUNTERPARTS, SETTINGS, checks
+from safegene_fast.smollm2 import STUDY_PRESETS, StudyFamily, study_splits
+from safegene_fast.study import COUNTERPARTS, SETTINGS, Evaluator, checks
 
 
 def test_study_splits_are_disjoint_and_seeded():
@@ -24,6 +24,26 @@ def test_study_splits_are_disjoint_and_seeded():
         assert len(task["heldout"]) == 100 and not train_q & {q for q, _ in task["heldout"]}
     assert len({t["task"] for t in splits["tasks"].values()}) == 3  # the target's task is unseen by the degraded
     assert study_splits(STUDY_PRESETS["study"], 0) == splits and study_splits(STUDY_PRESETS["study"], 1) != splits
+
+
+def test_validation_split_is_disjoint_from_test_and_training(tmp_path):
+    """Settings are chosen on the validation split: none of its prompts or task questions is a
+    test (reported) one or a training one."""
+    config = STUDY_PRESETS["study"]
+    splits = study_splits(config, 0)
+    fam = StudyFamily(tmp_path, "study", 0, config, splits)
+    s = SETTINGS["study"]
+    test, val = Evaluator(fam, s, "test"), Evaluator(fam, s, "validation")
+    for name in ("advbench", "donotanswer", "benign"):
+        assert len(test.prompts[name]) == getattr(s, name) and val.prompts[name]
+        assert not set(test.prompts[name]) & set(val.prompts[name])
+    assert len(val.prompts["advbench"]) == 100 and len(val.prompts["donotanswer"]) == 100
+    assert not set(val.prompts["advbench"]) & set(splits["harmful"]["train"])
+    val_q = {e["question"] for e in val.task_entries}
+    assert len(val_q) >= 95 and not val_q & {e["question"] for e in test.task_entries}
+    assert not val_q & {q for q, _ in splits["tasks"]["target"]["train"]}
+    with pytest.raises(ValueError, match="unknown evaluation split"):
+        Evaluator(fam, s, "train")
 
 
 def _row(adv, dna, over, acc=None, **extra):
@@ -46,12 +66,16 @@ def test_checks_compute_the_issue_targets():
                             **(_row(0.15, 0.22, 0.12, 0.795) if good else _row(0.4, 0.5, 0.3, 0.7))})
     result = {"members": {"aligned": _row(0.1, 0.2, 0.1, 0.2), "target": _row(0.9, 0.6, 0.1, 0.8)},
               "methods": methods, "resta_best_b": 1.0, "task_lift": 0.6}
+    # question by question: the target right on 0-2, the good row on 1-3
+    result["members"]["target"]["task"]["correct"] = [1, 1, 1, 0, 0]
+    next(m for m in methods if m["name"] == "safegene (benign, 16 shots)")["task"]["correct"] = [0, 1, 1, 1, 0]
     c = checks(result, s)
     best = c["best"]
     assert c["best_counterpart"] == "benign" and c["shots"] == 16
     assert best["advbench_gap_closed"] == pytest.approx(0.9375) and best["donotanswer_gap_closed"] == pytest.approx(0.95)
     assert best["closes_90_percent"] and best["accuracy_within_1_point"] and best["over_refusal_within_5_points"]
     assert best["beats_resta_best_b"] and c["all_targets_met"] and c["task_lift_at_least_30_points"]
+    assert best["task_questions_lost"] == 1 and best["task_questions_gained"] == 1
     other = c["per_counterpart"]["dealigned"]
     assert not other["closes_90_percent"] and not other["accuracy_within_1_point"]
     assert not other["over_refusal_within_5_points"] and not other["beats_resta_best_b"]
@@ -82,6 +106,7 @@ def test_smoke_study_runs_end_to_end(tmp_path, capsys):
             assert row[name]["rate"] == row[name]["count"] / n and row[name]["samples"]
     for m in result["methods"]:
         assert m["task"]["n"] == s.task and m["task"]["accuracy"] == m["task"]["hits"] / s.task
+        assert len(m["task"]["correct"]) == s.task and sum(m["task"]["correct"]) == m["task"]["hits"]
         if "shots" in m:
             assert len(m["selected_layers"]) == s.layers and set(m["coefficients"]) == {str(x) for x in m["selected_layers"]}
             assert all(0.0 <= a <= s.alpha_max for a in m["coefficients"].values())

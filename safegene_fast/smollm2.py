@@ -218,16 +218,28 @@ class StudyFamily:
             raise ValueError(f"unknown family member {name!r}; members: {', '.join(STUDY_MEMBERS)}.")
         return smollm2_folder(progress=False) if name == "original" else self.root / name
 
-    def task(self, member: str = "target"):
-        """(name, reasoning-gym dataset of the held-out split, its generation budget)."""
+    def task(self, member: str = "target", split: str = "heldout"):
+        """(name, reasoning-gym dataset (its ``score_answer`` scores), its entries of the held-out
+        (test) or validation split, generation budget). Validation entries are for choosing
+        settings; those that are also training questions are dropped."""
         name, config, budget = TASKS[member]
         from safegene_fast.data import reasoning_gym_dataset
-        return name, reasoning_gym_dataset(name, self.config.task_heldout, _task_seed(self.seed, "heldout"), **config), budget
+        ds = reasoning_gym_dataset(name, self.config.task_heldout, _task_seed(self.seed, split), **config)
+        entries = list(ds)
+        if split == "validation":
+            seen = {q for q, _ in self.splits["tasks"][member]["train"]}
+            entries = [e for e in entries if e["question"] not in seen]
+        return name, ds, entries, budget
+
+
+TASK_SPLITS = {"train": 0, "heldout": 10**5, "validation": 2 * 10**5}
 
 
 def _task_seed(seed: int, split: str) -> int:
-    """reasoning-gym draws entry i from seed + i, so the two splits' seeds lie far apart."""
-    return 10**6 * seed + (10**5 if split == "heldout" else 0)
+    """reasoning-gym draws entry i from seed + i, so the splits' seeds lie far apart."""
+    if split not in TASK_SPLITS:
+        raise ValueError(f"unknown task split {split!r}; splits: {', '.join(TASK_SPLITS)}.")
+    return 10**6 * seed + TASK_SPLITS[split]
 
 
 def study_splits(config: StudyConfig, seed: int) -> dict:

@@ -1,0 +1,122 @@
+"""Recalibration trials on the SmolLM2 study family, scored on the VALIDATION split (prompts the
+study never reports: the next 100 AdvBench / 100 Do-Not-Answer / 56 benign held-out prompts and
+100 target-task questions from their own seed range), so settings chosen here are not chosen on
+the study's test numbers.
+
+    .venv/bin/python bench/smollm2_recalibration_trials.py [--kind dealigned] [--shots 16] \\
+        [--json FILE] TRIAL [TRIAL ...]
+
+A TRIAL is ``global`` (the gene at 1.0 on every layer) or comma-separated overrides of the study's
+settings (``safegene_fast.study.StudySettings``), ``study`` for none: e.g. ``steps=60``,
+``steps=60,task_shots=32``, ``layers=30,steps=60``, ``rank=64``. Each trial extracts the gene
+(if its rank is new), selects layers and recalibrates exactly as ``safegene study`` does, then
+evaluates the target with the gene patched in through forward hooks (no merged checkpoint).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from safegene_fast.evaluate import chat, load_model  # noqa: E402
+from safegene_fast.patch import GenePatch  # noqa: E402
+from safegene_fast.pipeline import extract  # noqa: E402
+from safegene_fast.recalibrate import FewShot, gradient  # noqa: E402
+from safegene_fast.selection import select_layers  # noqa: E402
+from safegene_fast.smollm2 import REFUSAL, build_study_family  # noqa: E402
+from safegene_fast.study import COMPLIANCE, COUNTERPARTS, SETTINGS, Evaluator, few_shot_pools, rates  # noqa: E402
+
+TUNABLE = ("steps", "lr", "alpha_max", "task_shots", "layers", "rank", "batch", "scorer")
+
+
+def parse_trial(text: str) -> dict:
+    if text in ("global", "study"):
+        return {}
+    overrides = {}
+    for item in text.split(","):
+        key, _, value = item.partition("=")
+        if key not in TUNABLE or not value:
+            sys.exit(f"smollm2_recalibration_trials: bad trial {text!r}: use key=value with a key of {', '.join(TUNABLE)}.")
+        overrides[key] = value if key == "scorer" else (float(value) if "." in value or "e" in value else int(value))
+    return overrides
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("trials", nargs="+", help="global, study, or key=value[,key=value...]")
+    ap.add_argument("--kind", default="dealigned", choices=list(COUNTERPARTS))
+    ap.add_argument("--shots", type=int, default=16)
+    ap.add_argument("--split", default="validation", choices=("validation", "test"))
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    trials = [(t, parse_trial(t)) for t in args.trials]
+    from transformers.utils import logging
+    logging.disable_progress_bar()
+    fam = build_study_family("study")
+    base = SETTINGS["study"]
+    ev = Evaluator(fam, base, split=args.split)
+    t_model, tok = load_model(fam.member("target"))
+    a_model, _ = load_model(fam.member("aligned"))
+    d_models = [load_model(fam.member(m))[0] for m in COUNTERPARTS[args.kind]]
+    genes, rows = {}, []
+    result = {"command": "bench/smollm2_recalibration_trials.py " + " ".join(sys.argv[1:]),
+              "kind": args.kind, "shots": args.shots, "split": args.split,
+              "prompts": {**{k: len(v) for k, v in ev.prompts.items()}, "task": len(ev.task_entries)},
+              "versions": {"python": platform.python_version(), "torch": torch.__version__}}
+
+    def save() -> None:
+        if args.json:
+            result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+            args.json.write_text(json.dumps({**result, "trials": rows}, indent=2) + "\n")
+
+    start = time.perf_counter()
+    result["target"] = ev.model(t_model, tok)
+    result["target"].pop("seconds", None)
+    print(json.dumps({"target": rates(result["target"]), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    for name, overrides in trials:
+        s = dataclasses.replace(base, **overrides)
+        start = time.perf_counter()
+        if s.rank not in genes:
+            genes[s.rank] = extract(fam.member("aligned"), [fam.member(m) for m in COUNTERPARTS[args.kind]], rank=s.rank)
+        gene = genes[s.rank]
+        row = {"trial": name, "settings": overrides}
+        if name == "global":
+            coefficients = {str(layer): 1.0 for layer in gene.layers}
+        else:
+            harmful, harmless, keep = few_shot_pools(fam, s)
+            harm = chat(tok, harmful[:args.shots])
+            if s.layers >= len(gene.layers):
+                layers = list(gene.layers)
+            else:
+                layers = select_layers(gene, a_model, d_models, tok, harm, chat(tok, harmless[:args.shots]),
+                                       refusal=REFUSAL, compliance=COMPLIANCE, scorer=s.scorer, k=s.layers)["layers"]
+            cal = gradient(t_model, tok, gene, layers, FewShot(harm, REFUSAL, chat(tok, keep)), alpha_max=s.alpha_max,
+                           steps=s.steps, lr=s.lr, init=1.0, batch=s.batch, max_new_tokens=ev.task_tokens)
+            coefficients = cal.coefficients
+            row.update(layers=layers, loss={k: [cal.log[0][k], cal.log[-1][k]]
+                                            for k in ("loss", "refusal_loss", "task_loss")})
+        row["recalibrate_seconds"] = round(time.perf_counter() - start, 1)
+        with GenePatch(t_model, gene, sorted({int(k) for k in coefficients})) as patch:
+            patch.set(coefficients)
+            row["eval"] = ev.model(t_model, tok)
+        row["coefficients"] = coefficients
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        print(json.dumps({"trial": name, **rates(row["eval"]), "seconds": row["seconds"],
+                          "loss": row.get("loss")}), flush=True)
+        save()
+    save()
+
+
+if __name__ == "__main__":
+    main()
