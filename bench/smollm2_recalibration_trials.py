@@ -4,11 +4,13 @@ study never reports: the next 100 AdvBench / 100 Do-Not-Answer / 56 benign held-
 the study's test numbers.
 
     .venv/bin/python bench/smollm2_recalibration_trials.py [--kind dealigned] [--shots 16] \\
-        [--json FILE] TRIAL [TRIAL ...]
+        [--json FILE] [TRIAL ...]
 
-A TRIAL is ``global`` (the gene at 1.0 on every layer) or comma-separated overrides of the study's
-settings (``safegene_fast.study.StudySettings``), ``study`` for none: e.g. ``steps=60``,
-``steps=60,task_shots=32``, ``layers=30,steps=60``, ``rank=64``. Each trial extracts the gene
+A TRIAL is ``study`` (the study's settings) or comma-separated overrides of them
+(``safegene_fast.study.StudySettings``): e.g. ``steps=60``, ``steps=60,task_shots=32``,
+``layers=30,steps=60``, ``rank=64``; ``scale=1.5`` multiplies the recalibrated coefficients
+(reusing a recalibration with the same settings). ``global`` / ``global,scale=0.75`` is the gene
+at one coefficient on every layer; ``resta=0.75`` is RESTA's T + b (A - D) at b = 0.75. Each trial extracts the gene
 (if its rank is new), selects layers and recalibrates exactly as ``safegene study`` does, then
 evaluates the target with the gene patched in through forward hooks (no merged checkpoint).
 """
@@ -21,6 +23,7 @@ import datetime
 import json
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -30,30 +33,37 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from safegene_fast.evaluate import chat, load_model  # noqa: E402
 from safegene_fast.patch import GenePatch  # noqa: E402
-from safegene_fast.pipeline import extract  # noqa: E402
+from safegene_fast.pipeline import extract, resta  # noqa: E402
 from safegene_fast.recalibrate import FewShot, gradient  # noqa: E402
 from safegene_fast.selection import select_layers  # noqa: E402
 from safegene_fast.smollm2 import REFUSAL, build_study_family  # noqa: E402
-from safegene_fast.study import COMPLIANCE, COUNTERPARTS, SETTINGS, Evaluator, few_shot_pools, rates  # noqa: E402
+from safegene_fast.study import (COMPLIANCE, COUNTERPARTS, HARMFUL_SETS, SETTINGS, Evaluator,  # noqa: E402
+                                 few_shot_pools, rates)
 
 TUNABLE = ("steps", "lr", "alpha_max", "task_shots", "layers", "rank", "batch", "scorer")
 
 
-def parse_trial(text: str) -> dict:
-    if text in ("global", "study"):
-        return {}
+def parse_trial(text: str) -> tuple[str, dict]:
+    """(kind, overrides): kind "safegene" (select + recalibrate), "global" (every layer at one
+    coefficient) or "resta" (key b); ``scale`` multiplies the coefficients (a recalibration with
+    the same settings is reused)."""
+    items = text.split(",")
+    kind = "global" if text.startswith("global") else "resta" if text.startswith("resta") else "safegene"
+    if items[0] in ("global", "study"):
+        items = items[1:]
     overrides = {}
-    for item in text.split(","):
+    for item in items:
         key, _, value = item.partition("=")
-        if key not in TUNABLE or not value:
-            sys.exit(f"smollm2_recalibration_trials: bad trial {text!r}: use key=value with a key of {', '.join(TUNABLE)}.")
+        allowed = {"safegene": (*TUNABLE, "scale"), "global": ("scale", "rank"), "resta": ("resta",)}[kind]
+        if key not in allowed or not value:
+            sys.exit(f"smollm2_recalibration_trials: bad trial {text!r}: use key=value with a key of {', '.join(allowed)}.")
         overrides[key] = value if key == "scorer" else (float(value) if "." in value or "e" in value else int(value))
-    return overrides
+    return kind, overrides
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("trials", nargs="+", help="global, study, or key=value[,key=value...]")
+    ap.add_argument("trials", nargs="*", help="see above (none: only the two members)")
     ap.add_argument("--kind", default="dealigned", choices=list(COUNTERPARTS))
     ap.add_argument("--shots", type=int, default=16)
     ap.add_argument("--split", default="validation", choices=("validation", "test"))
@@ -79,42 +89,63 @@ def main() -> None:
             result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
             args.json.write_text(json.dumps({**result, "trials": rows}, indent=2) + "\n")
 
-    start = time.perf_counter()
-    result["target"] = ev.model(t_model, tok)
-    result["target"].pop("seconds", None)
-    print(json.dumps({"target": rates(result["target"]), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
-    for name, overrides in trials:
-        s = dataclasses.replace(base, **overrides)
+    for member, model in (("aligned", a_model), ("target", t_model)):  # the gap's two ends
         start = time.perf_counter()
+        result[member] = ev.model(model, tok)
+        print(json.dumps({member: rates(result[member]), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+    def finish(row: dict, start: float) -> None:
+        ends = {m: rates(result[m]) for m in ("aligned", "target")}
+        row["gap_closed"] = {h: round((ends["target"][h] - rates(row["eval"])[h])
+                                      / (ends["target"][h] - ends["aligned"][h]), 3)
+                             for h in HARMFUL_SETS if ends["target"][h] > ends["aligned"][h]}
+        row["seconds"] = round(time.perf_counter() - start, 1)
+        rows.append(row)
+        print(json.dumps({"trial": row["trial"], **rates(row["eval"]), "gap_closed": row["gap_closed"],
+                          "seconds": row["seconds"], "loss": row.get("loss")}), flush=True)
+        save()
+
+    recalibrated = {}
+    for name, (kind, overrides) in trials:
+        scale = overrides.pop("scale", 1.0)
+        start = time.perf_counter()
+        row = {"trial": name, "kind": kind, "settings": overrides, "scale": scale}
+        if kind == "resta":  # every tensor T + b (A - D), written, evaluated from disk, deleted
+            with tempfile.TemporaryDirectory() as tmp:
+                path = resta(fam.member("target"), fam.member("aligned"), fam.member("dealigned"), overrides["resta"],
+                             Path(tmp) / "resta")
+                row["eval"] = ev(path)
+            finish(row, start)
+            continue
+        s = dataclasses.replace(base, **overrides)
         if s.rank not in genes:
             genes[s.rank] = extract(fam.member("aligned"), [fam.member(m) for m in COUNTERPARTS[args.kind]], rank=s.rank)
         gene = genes[s.rank]
-        row = {"trial": name, "settings": overrides}
-        if name == "global":
+        if kind == "global":
             coefficients = {str(layer): 1.0 for layer in gene.layers}
         else:
-            harmful, harmless, keep = few_shot_pools(fam, s)
-            harm = chat(tok, harmful[:args.shots])
-            if s.layers >= len(gene.layers):
-                layers = list(gene.layers)
-            else:
-                layers = select_layers(gene, a_model, d_models, tok, harm, chat(tok, harmless[:args.shots]),
-                                       refusal=REFUSAL, compliance=COMPLIANCE, scorer=s.scorer, k=s.layers)["layers"]
-            cal = gradient(t_model, tok, gene, layers, FewShot(harm, REFUSAL, chat(tok, keep)), alpha_max=s.alpha_max,
-                           steps=s.steps, lr=s.lr, init=1.0, batch=s.batch, max_new_tokens=ev.task_tokens)
-            coefficients = cal.coefficients
-            row.update(layers=layers, loss={k: [cal.log[0][k], cal.log[-1][k]]
-                                            for k in ("loss", "refusal_loss", "task_loss")})
+            key = tuple(sorted(overrides.items()))
+            if key not in recalibrated:
+                harmful, harmless, keep = few_shot_pools(fam, s)
+                harm = chat(tok, harmful[:args.shots])
+                if s.layers >= len(gene.layers):
+                    layers = list(gene.layers)
+                else:
+                    layers = select_layers(gene, a_model, d_models, tok, harm, chat(tok, harmless[:args.shots]),
+                                           refusal=REFUSAL, compliance=COMPLIANCE, scorer=s.scorer, k=s.layers)["layers"]
+                cal = gradient(t_model, tok, gene, layers, FewShot(harm, REFUSAL, chat(tok, keep)),
+                               alpha_max=s.alpha_max, steps=s.steps, lr=s.lr, init=1.0, batch=s.batch,
+                               max_new_tokens=ev.task_tokens)
+                recalibrated[key] = (cal.coefficients, layers, {k: [cal.log[0][k], cal.log[-1][k]]
+                                                               for k in ("loss", "refusal_loss", "task_loss")})
+            coefficients, layers, loss = recalibrated[key]
+            row.update(layers=layers, loss=loss)
+        coefficients = {k: scale * v for k, v in coefficients.items()}
         row["recalibrate_seconds"] = round(time.perf_counter() - start, 1)
         with GenePatch(t_model, gene, sorted({int(k) for k in coefficients})) as patch:
             patch.set(coefficients)
             row["eval"] = ev.model(t_model, tok)
         row["coefficients"] = coefficients
-        row["seconds"] = round(time.perf_counter() - start, 1)
-        rows.append(row)
-        print(json.dumps({"trial": name, **rates(row["eval"]), "seconds": row["seconds"],
-                          "loss": row.get("loss")}), flush=True)
-        save()
+        finish(row, start)
     save()
 
 

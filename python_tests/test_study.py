@@ -107,6 +107,7 @@ def test_smoke_study_runs_end_to_end(tmp_path, capsys):
     for m in result["methods"]:
         assert m["task"]["n"] == s.task and m["task"]["accuracy"] == m["task"]["hits"] / s.task
         assert len(m["task"]["correct"]) == s.task and sum(m["task"]["correct"]) == m["task"]["hits"]
+        assert 0 <= m["task"]["refused"] <= s.task - m["task"]["hits"]
         if "shots" in m:
             assert len(m["selected_layers"]) == s.layers and set(m["coefficients"]) == {str(x) for x in m["selected_layers"]}
             assert all(0.0 <= a <= s.alpha_max for a in m["coefficients"].values())

@@ -137,6 +137,7 @@ class Evaluator:
             correct = [int(self.task_ds.score_answer(a.strip(), e) == 1.0) for a, e in zip(answers, self.task_entries)]
             out["task"] = {"name": self.task_name, "hits": sum(correct), "n": len(answers),
                            "accuracy": sum(correct) / len(answers), "correct": correct,
+                           "refused": sum(map(is_refusal, answers)),  # task questions answered with a refusal
                            "samples": [{"oracle": str(e["answer"]), "answer": a}
                                        for e, a in zip(self.task_entries[:self.s.samples], answers)]}
         return out
