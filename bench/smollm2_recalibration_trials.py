@@ -8,7 +8,8 @@ the study's test numbers.
 
 A TRIAL is ``study`` (the study's settings) or comma-separated overrides of them
 (``safegene_fast.study.StudySettings``): e.g. ``steps=60``, ``steps=60,task_shots=32``,
-``layers=30,steps=60``, ``rank=64``; ``scale=1.5`` multiplies the recalibrated coefficients
+``layers=30,steps=60``, ``rank=64``, ``per_module=1`` (one coefficient per module, not per
+layer); ``scale=1.5`` multiplies the recalibrated coefficients
 (reusing a recalibration with the same settings). ``global`` / ``global,scale=0.75`` is the gene
 at one coefficient on every layer; ``resta=0.75`` is RESTA's T + b (A - D) at b = 0.75. Each trial extracts the gene
 (if its rank is new), selects layers and recalibrates exactly as ``safegene study`` does, then
@@ -54,7 +55,7 @@ def parse_trial(text: str) -> tuple[str, dict]:
     overrides = {}
     for item in items:
         key, _, value = item.partition("=")
-        allowed = {"safegene": (*TUNABLE, "scale"), "global": ("scale", "rank"), "resta": ("resta",)}[kind]
+        allowed = {"safegene": (*TUNABLE, "scale", "per_module"), "global": ("scale", "rank"), "resta": ("resta",)}[kind]
         if key not in allowed or not value:
             sys.exit(f"smollm2_recalibration_trials: bad trial {text!r}: use key=value with a key of {', '.join(allowed)}.")
         overrides[key] = value if key == "scorer" else (float(value) if "." in value or "e" in value else int(value))
@@ -107,8 +108,9 @@ def main() -> None:
     recalibrated = {}
     for name, (kind, overrides) in trials:
         scale = overrides.pop("scale", 1.0)
+        per_module = bool(overrides.pop("per_module", 0))
         start = time.perf_counter()
-        row = {"trial": name, "kind": kind, "settings": overrides, "scale": scale}
+        row = {"trial": name, "kind": kind, "settings": overrides, "scale": scale, "per_module": per_module}
         if kind == "resta":  # every tensor T + b (A - D), written, evaluated from disk, deleted
             with tempfile.TemporaryDirectory() as tmp:
                 path = resta(fam.member("target"), fam.member("aligned"), fam.member("dealigned"), overrides["resta"],
@@ -123,7 +125,7 @@ def main() -> None:
         if kind == "global":
             coefficients = {str(layer): 1.0 for layer in gene.layers}
         else:
-            key = tuple(sorted(overrides.items()))
+            key = (per_module, *sorted(overrides.items()))
             if key not in recalibrated:
                 harmful, harmless, keep = few_shot_pools(fam, s)
                 harm = chat(tok, harmful[:args.shots])
@@ -134,14 +136,15 @@ def main() -> None:
                                            refusal=REFUSAL, compliance=COMPLIANCE, scorer=s.scorer, k=s.layers)["layers"]
                 cal = gradient(t_model, tok, gene, layers, FewShot(harm, REFUSAL, chat(tok, keep)),
                                alpha_max=s.alpha_max, steps=s.steps, lr=s.lr, init=1.0, batch=s.batch,
-                               max_new_tokens=ev.task_tokens)
+                               max_new_tokens=ev.task_tokens, per_module=per_module)
                 recalibrated[key] = (cal.coefficients, layers, {k: [cal.log[0][k], cal.log[-1][k]]
                                                                for k in ("loss", "refusal_loss", "task_loss")})
             coefficients, layers, loss = recalibrated[key]
             row.update(layers=layers, loss=loss)
         coefficients = {k: scale * v for k, v in coefficients.items()}
         row["recalibrate_seconds"] = round(time.perf_counter() - start, 1)
-        with GenePatch(t_model, gene, sorted({int(k) for k in coefficients})) as patch:
+        layers = sorted({gene.modules[k].layer if per_module else int(k) for k in coefficients})
+        with GenePatch(t_model, gene, layers, per_module) as patch:
             patch.set(coefficients)
             row["eval"] = ev.model(t_model, tok)
         row["coefficients"] = coefficients
