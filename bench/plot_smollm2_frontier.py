@@ -60,7 +60,7 @@ def main() -> None:
         ax.set_xlabel("over-refusal (held-out benign instructions refused)")
         ax.set_title({"advbench": "AdvBench (validation)", "donotanswer": "Do-Not-Answer (validation)"}[harm],
                      fontsize=10)
-        ax.set_xlim(-0.02, 0.45)
+        ax.set_xlim(-0.02, 0.52)
         ax.set_ylim(-0.02, 1.02)
     axes[0].set_ylabel("harmful (non-refusal) rate")
     axes[1].legend(fontsize=7, loc="upper right")

@@ -9,7 +9,8 @@ the study's test numbers.
 A TRIAL is ``study`` (the study's settings) or comma-separated overrides of them
 (``safegene_fast.study.StudySettings``): e.g. ``steps=60``, ``steps=60,task_shots=32``,
 ``layers=30,steps=60``, ``rank=64``, ``per_module=1`` (one coefficient per module, not per
-layer); ``scale=1.5`` multiplies the recalibrated coefficients
+layer), ``dna_shots=1`` (a diagnostic outside the issue's rule: the harmful shots come from
+Do-Not-Answer prompts past both evaluation splits, not AdvBench); ``scale=1.5`` multiplies the recalibrated coefficients
 (reusing a recalibration with the same settings). ``global`` / ``global,scale=0.75`` is the gene
 at one coefficient on every layer; ``resta=0.75`` is RESTA's T + b (A - D) at b = 0.75. Each trial extracts the gene
 (if its rank is new), selects layers and recalibrates exactly as ``safegene study`` does, then
@@ -39,7 +40,7 @@ from safegene_fast.recalibrate import FewShot, gradient  # noqa: E402
 from safegene_fast.selection import select_layers  # noqa: E402
 from safegene_fast.smollm2 import REFUSAL, build_study_family  # noqa: E402
 from safegene_fast.study import (COMPLIANCE, COUNTERPARTS, HARMFUL_SETS, SETTINGS, Evaluator,  # noqa: E402
-                                 few_shot_pools, rates)
+                                 donotanswer_order, few_shot_pools, rates)
 
 TUNABLE = ("steps", "lr", "alpha_max", "task_shots", "layers", "rank", "batch", "scorer")
 
@@ -55,7 +56,7 @@ def parse_trial(text: str) -> tuple[str, dict]:
     overrides = {}
     for item in items:
         key, _, value = item.partition("=")
-        allowed = {"safegene": (*TUNABLE, "scale", "per_module"), "global": ("scale", "rank"), "resta": ("resta",)}[kind]
+        allowed = {"safegene": (*TUNABLE, "scale", "per_module", "dna_shots"), "global": ("scale", "rank"), "resta": ("resta",)}[kind]
         if key not in allowed or not value:
             sys.exit(f"smollm2_recalibration_trials: bad trial {text!r}: use key=value with a key of {', '.join(allowed)}.")
         overrides[key] = value if key == "scorer" else (float(value) if "." in value or "e" in value else int(value))
@@ -109,8 +110,10 @@ def main() -> None:
     for name, (kind, overrides) in trials:
         scale = overrides.pop("scale", 1.0)
         per_module = bool(overrides.pop("per_module", 0))
+        dna_shots = bool(overrides.pop("dna_shots", 0))
         start = time.perf_counter()
-        row = {"trial": name, "kind": kind, "settings": overrides, "scale": scale, "per_module": per_module}
+        row = {"trial": name, "kind": kind, "settings": overrides, "scale": scale, "per_module": per_module,
+               "dna_shots": dna_shots}
         if kind == "resta":  # every tensor T + b (A - D), written, evaluated from disk, deleted
             with tempfile.TemporaryDirectory() as tmp:
                 path = resta(fam.member("target"), fam.member("aligned"), fam.member("dealigned"), overrides["resta"],
@@ -125,9 +128,11 @@ def main() -> None:
         if kind == "global":
             coefficients = {str(layer): 1.0 for layer in gene.layers}
         else:
-            key = (per_module, *sorted(overrides.items()))
+            key = (per_module, dna_shots, *sorted(overrides.items()))
             if key not in recalibrated:
                 harmful, harmless, keep = few_shot_pools(fam, s)
+                if dna_shots:  # a diagnostic the rule excludes: past both evaluation splits
+                    harmful = donotanswer_order(fam.seed)[2 * base.donotanswer:]
                 harm = chat(tok, harmful[:args.shots])
                 if s.layers >= len(gene.layers):
                     layers = list(gene.layers)

@@ -89,17 +89,24 @@ def _say(progress: bool, msg: str) -> None:
         print(f"study: {msg}", file=sys.stderr, flush=True)
 
 
+def donotanswer_order(seed: int) -> list[str]:
+    """Do-Not-Answer's distinct prompts in a seeded order: the test split takes the first ``n``,
+    validation the next ``n``."""
+    from safegene_fast.data import donotanswer_prompts
+    dna = list(dict.fromkeys(donotanswer_prompts()))
+    random.Random(f"donotanswer:{seed}").shuffle(dna)
+    return dna
+
+
 class Evaluator:
     """The same held-out prompts and greedy decoding for every model. ``split="test"`` (the
     study's numbers) takes the first ``n`` of each held-out set; ``"validation"`` (for choosing
     settings) the next ``n``, and a separate reasoning-gym seed range for the task."""
 
     def __init__(self, fam: StudyFamily, s: StudySettings, split: str = "test"):
-        from safegene_fast.data import donotanswer_prompts
         if split not in ("test", "validation"):
             raise ValueError(f"unknown evaluation split {split!r}; splits: test, validation.")
-        dna = list(dict.fromkeys(donotanswer_prompts()))
-        random.Random(f"donotanswer:{fam.seed}").shuffle(dna)
+        dna = donotanswer_order(fam.seed)
 
         def part(items: list, n: int) -> list:
             return items[:n] if split == "test" else items[n:2 * n]
