@@ -10,11 +10,12 @@ A TRIAL is ``study`` (the study's settings) or comma-separated overrides of them
 (``safegene_fast.study.StudySettings``): e.g. ``steps=60``, ``steps=60,task_shots=32``,
 ``layers=30,steps=60``, ``rank=64``, ``per_module=1`` (one coefficient per module, not per
 layer), ``dna_shots=1`` (a diagnostic outside the issue's rule: the harmful shots come from
-Do-Not-Answer prompts past both evaluation splits, not AdvBench); ``scale=1.5`` multiplies the recalibrated coefficients
-(reusing a recalibration with the same settings). ``global`` / ``global,scale=0.75`` is the gene
-at one coefficient on every layer; ``resta=0.75`` is RESTA's T + b (A - D) at b = 0.75. Each trial extracts the gene
-(if its rank is new), selects layers and recalibrates exactly as ``safegene study`` does, then
-evaluates the target with the gene patched in through forward hooks (no merged checkpoint).
+Do-Not-Answer prompts past both evaluation splits, not AdvBench); ``scale=1.5`` multiplies the
+recalibrated coefficients (reusing a recalibration with the same settings). ``global`` /
+``global,scale=0.75`` is the gene at one coefficient on every layer; ``resta=0.75`` is RESTA's
+T + b (A - D) at b = 0.75. Each trial extracts the gene (if its rank is new), selects layers and
+recalibrates exactly as ``safegene study`` does, then evaluates the target with the gene patched
+in through forward hooks (no merged checkpoint).
 """
 
 from __future__ import annotations
@@ -39,8 +40,8 @@ from safegene_fast.pipeline import extract, resta  # noqa: E402
 from safegene_fast.recalibrate import FewShot, gradient  # noqa: E402
 from safegene_fast.selection import select_layers  # noqa: E402
 from safegene_fast.smollm2 import REFUSAL, build_study_family  # noqa: E402
-from safegene_fast.study import (COMPLIANCE, COUNTERPARTS, HARMFUL_SETS, SETTINGS, Evaluator,  # noqa: E402
-                                 donotanswer_order, few_shot_pools, rates)
+from safegene_fast.study import (COMPLIANCE, COUNTERPARTS, SETTINGS, Evaluator, donotanswer_order,  # noqa: E402
+                                 few_shot_pools, gap_closed, rates)
 
 TUNABLE = ("steps", "lr", "alpha_max", "task_shots", "layers", "rank", "batch", "scorer")
 
@@ -95,11 +96,10 @@ def main() -> None:
         start = time.perf_counter()
         result[member] = ev.model(model, tok)
         print(json.dumps({member: rates(result[member]), "seconds": round(time.perf_counter() - start, 1)}), flush=True)
+
     def finish(row: dict, start: float) -> None:
-        ends = {m: rates(result[m]) for m in ("aligned", "target")}
-        row["gap_closed"] = {h: round((ends["target"][h] - rates(row["eval"])[h])
-                                      / (ends["target"][h] - ends["aligned"][h]), 3)
-                             for h in HARMFUL_SETS if ends["target"][h] > ends["aligned"][h]}
+        closed = gap_closed(rates(result["aligned"]), rates(result["target"]), rates(row["eval"]))
+        row["gap_closed"] = {h: round(v, 3) for h, v in closed.items() if v is not None}
         row["seconds"] = round(time.perf_counter() - start, 1)
         rows.append(row)
         print(json.dumps({"trial": row["trial"], **rates(row["eval"]), "gap_closed": row["gap_closed"],
@@ -148,8 +148,8 @@ def main() -> None:
             row.update(layers=layers, loss=loss)
         coefficients = {k: scale * v for k, v in coefficients.items()}
         row["recalibrate_seconds"] = round(time.perf_counter() - start, 1)
-        layers = sorted({gene.modules[k].layer if per_module else int(k) for k in coefficients})
-        with GenePatch(t_model, gene, layers, per_module) as patch:
+        patched = sorted({gene.modules[k].layer if per_module else int(k) for k in coefficients})
+        with GenePatch(t_model, gene, patched, per_module) as patch:
             patch.set(coefficients)
             row["eval"] = ev.model(t_model, tok)
         row["coefficients"] = coefficients
