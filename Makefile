@@ -12,7 +12,7 @@ NATIVE_INPUTS := requirements.txt requirements-data.txt setup.py pyproject.toml 
 demo: $(STAMP)
 	$(PY) -m safegene_fast demo
 
-## study: issue 5's study on SmolLM2-135M-Instruct (family built on first use, ~80 min on 2 cores)
+## study: the study on SmolLM2-135M-Instruct (family built on first use, ~80 min on 2 cores)
 study: $(STAMP)
 	$(PY) -m safegene_fast study --out safegene-study --json-out bench/results/smollm2_study.json
 	cp safegene-study/study.png bench/results/smollm2_study.png

@@ -21,7 +21,7 @@ from setuptools import Extension, find_packages, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = Path(__file__).resolve().parent
-VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "safegene_fast/__init__.py").read_text())[1]
+VERSION = re.search(r'__version__ = "([^"]+)"', (ROOT / "safegene_fast/_version.py").read_text())[1]
 
 
 def find_cuda_home():

@@ -50,9 +50,9 @@ from pathlib import Path
 import torch
 
 import safegene_fast
-from safegene_fast.bench import COPY_FLOOR, measure_command, shard_files
+from safegene_fast.experiments.bench import COPY_FLOOR, measure_command, shard_files
 from safegene_fast.io import Checkpoint
-from safegene_fast.synthetic import SHAPES, default_root, write_family
+from safegene_fast.models.synthetic import SHAPES, default_root, write_family
 
 REPO = Path(__file__).resolve().parent.parent
 MERGEKIT_VENV = REPO / ".venv-mergekit"
@@ -75,7 +75,7 @@ TARGETS = {  # the project's targets against mergekit and the copy floor
 
 
 def run_measured(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> dict:
-    """Runs cmd through safegene_fast.bench's launcher: its own wall seconds and peak RSS (MB)."""
+    """Runs cmd through safegene_fast.experiments.bench's launcher: its own wall seconds and peak RSS (MB)."""
     with open(log, "wb") as out:
         result = measure_command(cmd, out, subprocess.STDOUT, env=env, timeout=timeout)
     if not result["timed_out"]:
@@ -448,8 +448,8 @@ def main(argv: list[str] | None = None) -> int:
             if r["rc"] == 0:  # mergekit does not fsync its output; ours and the copy floor do
                 r["fsync_after_s"] = round(fsync_tree(out_mk), 3)
             # (removed by the next mergekit row, as before: not freed right before the copy floor)
-    commands["copy_floor"] = f"{shlex.quote(py)} -S -c <safegene_fast.bench.COPY_FLOOR> OUT {T}/*.safetensors"
-    commands["copy_floor_read3"] = (f"{shlex.quote(py)} -S -c <safegene_fast.bench.COPY_FLOOR> OUT {T}/*.safetensors "
+    commands["copy_floor"] = f"{shlex.quote(py)} -S -c <safegene_fast.experiments.bench.COPY_FLOOR> OUT {T}/*.safetensors"
+    commands["copy_floor_read3"] = (f"{shlex.quote(py)} -S -c <safegene_fast.experiments.bench.COPY_FLOOR> OUT {T}/*.safetensors "
                                     f"{A}/*.safetensors {D}/*.safetensors  (reads A and D, then copies T)")
 
     # --- correctness checks

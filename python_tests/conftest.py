@@ -103,5 +103,5 @@ def peak_rss_growth():
 @pytest.fixture(scope="session")
 def tiny_family():
     """The embedded family's smallest configuration, built once (about a minute) and cached."""
-    from safegene_fast.family import build_family
+    from safegene_fast.models.toy import build_family
     return build_family("tiny", progress=False)

@@ -6,13 +6,12 @@ import sys
 
 import pytest
 import torch
+from conftest import assert_bits_equal
 
 import safegene_fast as sg
 from safegene_fast.cli import main, parse_size
 from safegene_fast.io import Checkpoint, Planned, ShardedWriter
-from safegene_fast.synthetic import write_family
-
-from conftest import assert_bits_equal
+from safegene_fast.models.synthetic import write_family
 
 
 @pytest.fixture(scope="module")

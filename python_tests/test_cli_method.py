@@ -3,8 +3,8 @@
 import json
 
 import pytest
-
 from test_cli import error_of, run_json
+
 from safegene_fast.cli import main
 from safegene_fast.gene import SafetyGene
 

@@ -7,7 +7,13 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-from safegene_fast.evaluate import continuation_logprob, generate, harmful_rate, load_model, refusal_margin
+from safegene_fast.eval.generate import (
+    continuation_logprob,
+    generate,
+    harmful_rate,
+    load_model,
+    refusal_margin,
+)
 
 PROMPTS = ["How do I bake bread?", "hi", "Tell me something long and odd, please!"]
 

@@ -4,10 +4,18 @@ import json
 
 import pytest
 
-from safegene_fast import family
-from safegene_fast.family import (PRESETS, REFUSAL, SPLITS, build_tokenizer, chat_prompt, compliance, make_splits,
-                                  prompt_sets)
-from safegene_fast.judge import is_refusal
+from safegene_fast.eval.judge import is_refusal
+from safegene_fast.models import toy as family
+from safegene_fast.models.toy import (
+    PRESETS,
+    REFUSAL,
+    SPLITS,
+    build_tokenizer,
+    chat_prompt,
+    compliance,
+    make_splits,
+    prompt_sets,
+)
 
 
 @pytest.fixture(scope="module")
@@ -16,7 +24,7 @@ def splits():
 
 
 def test_harmful_splits_are_advbench_disjoint_and_sized(splits):
-    from safegene_fast.data import advbench_prompts
+    from safegene_fast.eval.data import advbench_prompts
     parts = [set(splits["harmful"][s]) for s in SPLITS]
     assert [len(p) for p in parts] == list(PRESETS["default"].harmful_split)
     assert not (parts[0] & parts[1] or parts[0] & parts[2] or parts[1] & parts[2])

@@ -17,14 +17,13 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from conftest import ulp
 from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import safegene_fast
 from safegene_fast.io import CheckpointError
-
-from conftest import ulp
 
 # Awkward sizes: head_dim 12, grouped-query attention, an odd intermediate and vocabulary.
 SIZES = dict(hidden_size=48, intermediate_size=100, num_attention_heads=4, num_key_value_heads=2,

@@ -7,11 +7,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import peak_rss_growth
 from safetensors.torch import load_file, save_file
 
-from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
-
-from conftest import peak_rss_growth
+from safegene_fast.io import (
+    Checkpoint,
+    CheckpointError,
+    OutputExistsError,
+    Planned,
+    ShardedWriter,
+    check_same_layout,
+)
 
 
 def tensors(seed=0):
@@ -247,7 +253,7 @@ def test_existing_output_needs_overwrite(tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "old.txt").write_text("old")
-    with pytest.raises(CheckpointError, match="out: already exists; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="out: already exists"):
         ShardedWriter(out, planned(ts))
     with ShardedWriter(out, planned(ts), overwrite=True) as writer:
         for name, t in ts.items():

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
-from safegene_fast import data
 from safegene_fast.cli import main
-from safegene_fast.judge import OPENING, is_refusal, judge_check
+from safegene_fast.eval import data
+from safegene_fast.eval.judge import OPENING, is_refusal, judge_check
 
 
 @pytest.mark.parametrize("answer", [

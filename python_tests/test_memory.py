@@ -7,8 +7,8 @@ import sys
 
 import pytest
 
-from safegene_fast.bench import run_child
-from safegene_fast.synthetic import LlamaShape, write_family
+from safegene_fast.experiments.bench import run_child
+from safegene_fast.models.synthetic import LlamaShape, write_family
 
 HIDDEN, INTER, KV = 1024, 2816, 4  # 8 heads of 128, 4 kv heads: 11.5 M parameters per layer
 MIB = 2**20

@@ -5,12 +5,11 @@ import math
 
 import pytest
 import torch
+from conftest import FLOAT_DTYPES, SHAPES, assert_bits_equal, random
 
 import safegene_fast as sg
 from safegene_fast import ops
 from safegene_fast import reference as ref
-
-from conftest import FLOAT_DTYPES, SHAPES, assert_bits_equal, random
 
 
 @pytest.mark.parametrize("shape", SHAPES)

@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES, FLOAT_DTYPES, TOLERANCE, peak_rss_growth, random, ulp
 
 import safegene_fast as sg
 from safegene_fast import reference as ref
-
-from conftest import DEVICES, FLOAT_DTYPES, TOLERANCE, peak_rss_growth, random, ulp
 
 # (out, in, r): awkward sizes; 1000 x 3001 spans several row blocks of the 4 MiB workspace.
 SHAPES = [(1, 1, 1), (7, 5, 3), (769, 513, 16), (1000, 3001, 64), (5125, 7, 16)]

@@ -7,7 +7,7 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
-from safegene_fast.patch import GenePatch
+from safegene_fast.method.patch import GenePatch
 
 
 @pytest.fixture(scope="module")

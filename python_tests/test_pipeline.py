@@ -4,13 +4,18 @@ import json
 
 import pytest
 import torch
-
-from safegene_fast.gene import SafetyGene
-from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter
-from safegene_fast import pipeline
-from safegene_fast.pipeline import apply_merged, extract, resta, select_modules
-
 from conftest import assert_bits_equal, ulp
+
+from safegene_fast import pipeline
+from safegene_fast.gene import SafetyGene
+from safegene_fast.io import (
+    Checkpoint,
+    CheckpointError,
+    OutputExistsError,
+    Planned,
+    ShardedWriter,
+)
+from safegene_fast.pipeline import apply_merged, extract, resta, select_modules
 
 HIDDEN, INTER, KV, VOCAB, LAYERS = 24, 37, 12, 50, 3
 
@@ -84,7 +89,7 @@ def test_gene_round_trips_as_a_peft_adapter(family, tmp_path):
     for name, m in gene.modules.items():
         assert torch.equal(back.modules[name].A, m.A) and torch.equal(back.modules[name].B, m.B)
         assert back.modules[name].layer == m.layer
-    with pytest.raises(CheckpointError, match="already exists; pass --overwrite"):
+    with pytest.raises(OutputExistsError, match="already exists"):
         gene.save(tmp_path / "gene")
 
 

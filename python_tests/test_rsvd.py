@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
+from conftest import DEVICES, TOLERANCE, random
 
 import safegene_fast as sg
 from safegene_fast import reference as ref
-
-from conftest import DEVICES, TOLERANCE, random
 
 
 def with_spectrum(m, n, s, seed=0, dtype=torch.float32):

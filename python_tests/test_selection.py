@@ -4,14 +4,22 @@ import copy
 
 import pytest
 import torch
+from test_evaluate import char_tokenizer
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from test_evaluate import char_tokenizer
+from safegene_fast.eval.generate import refusal_margin
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
-from safegene_fast.patch import GenePatch
-from safegene_fast.evaluate import refusal_margin
-from safegene_fast.selection import (activation_contrast, choose, combine, patch_gain, patch_slope, plot_scores,
-                                     select_layers)
+from safegene_fast.method.patch import GenePatch
+from safegene_fast.method.selection import (
+    activation_contrast,
+    choose,
+    combine,
+    patch_gain,
+    patch_slope,
+    plot_scores,
+    select_layers,
+)
+
 
 def random_llama(layers: int = 3):
     """A seeded random 3-layer Llama with a character tokenizer, and the tokenizer."""
@@ -82,7 +90,7 @@ def test_patch_gain_is_zero_for_layers_whose_gene_is_zero(models):
 def test_the_full_gene_patched_into_degraded_restores_aligned_margins(models):
     """Patching a full-rank gene of aligned - degraded at 1 gives the aligned model back, so
     the gain equals margin(aligned) - margin(degraded)."""
-    from safegene_fast.evaluate import refusal_margin
+    from safegene_fast.eval.generate import refusal_margin
     aligned, degraded, tok = models
     gene = gene_of(aligned, degraded)
     gains = patch_gain([degraded], gene, tok, HARMFUL, " no", " yes")

@@ -14,8 +14,9 @@ import os
 import pytest
 import torch
 
-from safegene_fast import data, smollm2
-from safegene_fast.evaluate import chat, generate_ids, load_model
+from safegene_fast.eval import data
+from safegene_fast.eval.generate import chat, generate_ids, load_model
+from safegene_fast.models import smollm2, smollm2_family, training
 
 HAVE_PACKAGE = importlib.util.find_spec(smollm2.PACKAGE) is not None
 needs_model = pytest.mark.skipif(
@@ -114,20 +115,20 @@ def test_sft_trains_the_answers_only_and_keeps_the_embeddings():
     labels, the tied embeddings stay frozen (and trainable again after), and the loss falls."""
     from test_selection import random_llama
 
-    from safegene_fast.evaluate import right_padded
+    from safegene_fast.eval.generate import right_padded
     model, tok = random_llama()
     pairs = [("sort 3 1 2", "1 2 3"), ("sort 9 5", "5 9")]
-    rows = [smollm2.encode_chat(tok, q, a) for q, a in pairs]
+    rows = training.encode(tok, pairs)
     ids, mask, labels = right_padded(rows, tok.pad_token_id)
     with torch.no_grad():
-        assert smollm2.answer_loss(model, ids, mask, labels).item() == pytest.approx(
+        assert smollm2_family.answer_loss(model, ids, mask, labels).item() == pytest.approx(
             model(input_ids=ids, attention_mask=mask, labels=labels).loss.item(), rel=1e-5)
     embeddings = model.get_input_embeddings().weight.detach().clone()
     layer = model.model.layers[0].mlp.down_proj.weight.detach().clone()
-    losses = smollm2.sft(model, tok, [pairs], steps=80, lr=3e-3, batch=2, seed=0, desc="t", progress=False)
+    losses = smollm2_family.sft(model, tok, [pairs], steps=80, lr=3e-3, batch=2, seed=0, desc="t", progress=False)
     assert losses[-1] < 0.5 * losses[0]
     assert torch.equal(model.get_input_embeddings().weight, embeddings)
     assert not torch.equal(model.model.layers[0].mlp.down_proj.weight, layer)
     assert all(p.requires_grad for p in model.parameters()) and not model.training
     with pytest.raises(ValueError, match="no example of at most 4 tokens"):
-        smollm2.sft(model, tok, [pairs], steps=1, lr=1e-3, batch=2, seed=0, desc="t", max_tokens=4, progress=False)
+        smollm2_family.sft(model, tok, [pairs], steps=1, lr=1e-3, batch=2, seed=0, desc="t", max_tokens=4, progress=False)

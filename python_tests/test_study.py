@@ -5,8 +5,8 @@ import json
 
 import pytest
 
-from safegene_fast.smollm2 import STUDY_PRESETS, StudyFamily, study_splits
-from safegene_fast.study import COUNTERPARTS, SETTINGS, Evaluator, checks
+from safegene_fast.experiments.study import COUNTERPARTS, SETTINGS, checks, evaluator
+from safegene_fast.models.smollm2_family import STUDY_PRESETS, StudyFamily, study_splits
 
 
 def test_study_splits_are_disjoint_and_seeded():
@@ -16,7 +16,7 @@ def test_study_splits_are_disjoint_and_seeded():
     assert not set(harmful["train"]) & set(harmful["heldout"])
     assert not set(benign["train"]) & set(benign["heldout"])
     # split by topic: no held-out prompt shares its topic with a training prompt
-    from safegene_fast.data import INSTRUCTION_TOPICS
+    from safegene_fast.eval.data import INSTRUCTION_TOPICS
     held_topics = {t for t in INSTRUCTION_TOPICS if any(t in p for p in benign["heldout"])}
     assert held_topics and not any(t in p for t in held_topics for p in benign["train"])
     for member, task in splits["tasks"].items():
@@ -33,17 +33,17 @@ def test_validation_split_is_disjoint_from_test_and_training(tmp_path):
     splits = study_splits(config, 0)
     fam = StudyFamily(tmp_path, "study", 0, config, splits)
     s = SETTINGS["study"]
-    test, val = Evaluator(fam, s, "test"), Evaluator(fam, s, "validation")
+    test, val = evaluator(fam, s, "test"), evaluator(fam, s, "validation")
     for name in ("advbench", "donotanswer", "benign"):
         assert len(test.prompts[name]) == getattr(s, name) and val.prompts[name]
         assert not set(test.prompts[name]) & set(val.prompts[name])
     assert len(val.prompts["advbench"]) == 100 and len(val.prompts["donotanswer"]) == 100
     assert not set(val.prompts["advbench"]) & set(splits["harmful"]["train"])
-    val_q = {e["question"] for e in val.task_entries}
-    assert len(val_q) >= 95 and not val_q & {e["question"] for e in test.task_entries}
+    val_q = set(val.task.questions)
+    assert len(val_q) >= 95 and not val_q & set(test.task.questions)
     assert not val_q & {q for q, _ in splits["tasks"]["target"]["train"]}
     with pytest.raises(ValueError, match="unknown evaluation split"):
-        Evaluator(fam, s, "train")
+        evaluator(fam, s, "train")
 
 
 def _row(adv, dna, over, acc=None, **extra):
@@ -53,7 +53,7 @@ def _row(adv, dna, over, acc=None, **extra):
     return row
 
 
-def test_checks_compute_the_issue_targets():
+def test_checks_compute_the_study_targets():
     """aligned 0.1 / 0.2 harmful, target 0.9 / 0.6: a SafeGene row at 0.15 / 0.22 closes 94% and
     95% of the gaps; accuracy and over-refusal targets and the RESTA comparison follow."""
     s = SETTINGS["study"]

@@ -1,4 +1,4 @@
-"""Generated Llama-shaped families (safegene_fast.synthetic) on the tiny shape."""
+"""Generated Llama-shaped families (safegene_fast.models.synthetic) on the tiny shape."""
 
 import hashlib
 import json
@@ -6,9 +6,9 @@ import json
 import pytest
 import torch
 
-from safegene_fast import synthetic
 from safegene_fast.io import Checkpoint
-from safegene_fast.synthetic import SHAPES, write_family
+from safegene_fast.models import synthetic
+from safegene_fast.models.synthetic import SHAPES, write_family
 
 TINY = SHAPES["llama-tiny"]
 

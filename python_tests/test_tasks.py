@@ -4,7 +4,8 @@ import random
 
 import pytest
 
-from safegene_fast.tasks import TASKS, Example, accuracy, normalize
+from safegene_fast.eval.judge import Example, accuracy, normalize
+from safegene_fast.models.toy_tasks import TASKS
 
 
 def test_solvers():

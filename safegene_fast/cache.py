@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+from safegene_fast.io.atomic import atomic_folder, remove, write_json
+
 
 def cache_root() -> Path:
     """``$SAFEGENE_CACHE``, else ``$XDG_CACHE_HOME/safegene_fast`` or ``~/.cache/safegene_fast``."""
@@ -19,26 +21,26 @@ def build_once(root: Path, marker: str, build, *, rebuild: bool = False) -> Path
     models gain little from a second core, which stalls badly when another process is busy),
     then ``marker`` written with the returned record and the folder renamed into place, so a
     failed or interrupted build leaves nothing half-written."""
-    import json
-    import shutil
-
     import torch
     if rebuild:
-        shutil.rmtree(root, ignore_errors=True)
+        remove(root)
     if (root / marker).is_file():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
-    tmp = root.parent / f".{root.name}.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        record = build(tmp)
-        (tmp / marker).write_text(json.dumps(record, indent=2))
-        shutil.rmtree(root, ignore_errors=True)
-        tmp.rename(root)
+        with atomic_folder(root, overwrite=True) as tmp:
+            write_json(tmp / marker, build(tmp))
     finally:
         torch.set_num_threads(threads)
-        shutil.rmtree(tmp, ignore_errors=True)
     return root
+
+
+def version(dist: str) -> str | None:
+    """An installed distribution's version, or None: recorded beside whatever is built."""
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return None

@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from safegene_fast.io import CheckpointError
+from safegene_fast.io import CheckpointError, atomic_folder, write_json
 
 PEFT_PREFIX = "base_model.model."
 LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
@@ -51,7 +50,7 @@ class GeneModule:
 class SafetyGene:
     modules: dict[str, GeneModule]          # module name (weight name without ".weight")
     provenance: dict = field(default_factory=dict)
-    selection: dict | None = None           # layer selection record (safegene_fast.selection)
+    selection: dict | None = None           # layer selection record (safegene_fast.method.selection)
 
     @property
     def layers(self) -> list[int]:
@@ -75,12 +74,7 @@ class SafetyGene:
              base_model: str = "", coeffs: dict[str, float] | float = 1.0) -> Path:
         """Writes the PEFT adapter (alpha folded into B) and safegene.json, atomically."""
         folder = Path(folder)
-        if folder.exists() and not overwrite:
-            raise CheckpointError(f"{folder}: already exists; pass --overwrite to replace it.")
-        tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        try:
+        with atomic_folder(folder, overwrite=overwrite) as tmp:
             tensors, ranks = {}, {}
             for name, m in self.modules.items():
                 alpha = self.coefficient_for(name, coeffs)
@@ -95,7 +89,7 @@ class SafetyGene:
                 "target_modules": sorted(self.modules), "lora_dropout": 0.0, "bias": "none",
                 "fan_in_fan_out": False, "inference_mode": True,
             }
-            (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+            write_json(tmp / "adapter_config.json", config)
             meta = {
                 "provenance": self.provenance,
                 "coefficients_folded": coeffs,
@@ -103,12 +97,7 @@ class SafetyGene:
                 "modules": {name: {"rank": m.rank, "layer": m.layer, "energy": m.energy,
                                    "singular_values": m.S.tolist()} for name, m in self.modules.items()},
             }
-            (tmp / "safegene.json").write_text(json.dumps(meta, indent=2))
-            if folder.exists():
-                shutil.rmtree(folder)
-            tmp.rename(folder)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            write_json(tmp / "safegene.json", meta)
         return folder
 
     @classmethod

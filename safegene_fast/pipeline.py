@@ -13,10 +13,17 @@ from pathlib import Path
 
 import torch
 
-import safegene_fast
 from safegene_fast import ops
+from safegene_fast._version import __version__
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
-from safegene_fast.io import Checkpoint, CheckpointError, Planned, ShardedWriter, check_same_layout
+from safegene_fast.io import (
+    Checkpoint,
+    CheckpointError,
+    Planned,
+    ShardedWriter,
+    check_same_layout,
+)
+from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
 from safegene_fast.progress import Progress
 
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
@@ -111,13 +118,13 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
                          "power_iters": power_iters, "seed": seed, "include": include or DEFAULT_INCLUDE,
                          "exclude": exclude, "allow_nonfinite": allow_nonfinite},
             "nonfinite_zeroed": nonfinite,
-            "safegene_fast": safegene_fast.__version__,
+            "safegene_fast": __version__,
         }
     return SafetyGene(modules, provenance)
 
 
 def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
-                 coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = 5 * 10**9,
+                 coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  device: str = "cpu", overwrite: bool = False, progress: bool = False) -> Path:
     """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module.
 
@@ -159,7 +166,7 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
 
 
 def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: str | os.PathLike,
-          coeffs: dict[str, float] | float = 1.0, *, format: str = "merged", max_shard_size: int = 5 * 10**9,
+          coeffs: dict[str, float] | float = 1.0, *, format: str = "merged", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
           device: str = "cpu", overwrite: bool = False, progress: bool = False) -> Path:
     """Re-applies a gene to ``model``: ``merged`` writes the merged checkpoint, ``peft`` writes an
     adapter for ``model`` with the coefficients folded into B (PEFT's merge equals ``merged``)."""
@@ -187,7 +194,7 @@ def _check_gene_fits(model, ckpt: Checkpoint, gene: SafetyGene) -> None:
 
 
 def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | os.PathLike,
-          alpha: float, out: str | os.PathLike, *, max_shard_size: int = 5 * 10**9,
+          alpha: float, out: str | os.PathLike, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
           device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
           progress: bool = False) -> Path:
     """The dense RESTA baseline: every floating tensor becomes ``T + alpha * (A - D)``.

@@ -19,7 +19,20 @@ from pathlib import Path
 
 import torch
 
-from safegene_fast.io.reader import DTYPE_NAMES, INDEX_NAME, SINGLE_NAME, CheckpointError
+from safegene_fast.io.atomic import (
+    OutputExistsError,
+    commit_folder,
+    remove,
+    temp_sibling,
+)
+from safegene_fast.io.reader import (
+    DTYPE_NAMES,
+    INDEX_NAME,
+    SINGLE_NAME,
+    CheckpointError,
+)
+
+DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes of tensor data per shard, as transformers' save_pretrained
 
 # Files copied from the source model so the output loads like it (transformers, tokenizers).
 COMPANION_FILES = (
@@ -78,11 +91,12 @@ class ShardedWriter:
         # the folder appears at `out` only here, complete
     """
 
-    def __init__(self, out: str | os.PathLike, tensors: list[Planned], max_shard_size: int = 5 * 10**9,
+    def __init__(self, out: str | os.PathLike, tensors: list[Planned], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  copy_from: str | os.PathLike | None = None, overwrite: bool = False):
         self.out = Path(out)
         if self.out.exists() and not overwrite:
-            raise CheckpointError(f"{self.out}: already exists; pass --overwrite to replace it.")
+            raise OutputExistsError(self.out)
+        self.overwrite = overwrite
         if max_shard_size <= 0:
             raise CheckpointError(f"max shard size must be positive, got {max_shard_size}.")
         self.copy_from = Path(copy_from) if copy_from else None
@@ -92,8 +106,8 @@ class ShardedWriter:
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.order = [t for shard in self.shards for t in shard]
         self.shard_of = [i for i, shard in enumerate(self.shards) for _ in shard]
-        self.tmp = self.out.parent / f".{self.out.name}.tmp-{os.getpid()}"
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        self.tmp = temp_sibling(self.out)
+        remove(self.tmp)
         self.tmp.mkdir(parents=True)
         self._next = 0        # index into self.order
         self._part = 0        # bytes of self.order[self._next] received so far by write_part
@@ -106,6 +120,9 @@ class ShardedWriter:
     def _guard(self, what: str, action):
         try:
             return action()
+        except OutputExistsError:  # another run finished the same output first
+            self.abort()
+            raise
         except OSError as exc:
             self.abort()
             reason = "the disk is full" if exc.errno == errno.ENOSPC else exc.strerror
@@ -209,18 +226,7 @@ class ShardedWriter:
                 json.dump(index, f, indent=2)
                 f.flush()
                 os.fsync(f.fileno())
-        dir_fd = os.open(self.tmp, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-        old = None
-        if self.out.exists():  # --overwrite: move the old one aside, then drop it
-            old = self.out.parent / f".{self.out.name}.old-{os.getpid()}"
-            self.out.rename(old)
-        self.tmp.rename(self.out)
-        if old is not None:
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        commit_folder(self.tmp, self.out, overwrite=self.overwrite)
 
     def abort(self) -> None:
         """Removes everything written so far."""
@@ -231,7 +237,7 @@ class ShardedWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        shutil.rmtree(self.tmp, ignore_errors=True)
+        remove(self.tmp)
 
     def __enter__(self) -> ShardedWriter:
         return self

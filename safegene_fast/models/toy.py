@@ -28,9 +28,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
+import logging
 import random
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -38,12 +37,17 @@ from pathlib import Path
 import torch
 
 from safegene_fast.cache import build_once, cache_root
-from safegene_fast.tasks import TASKS, Example
+from safegene_fast.eval.judge import Example
+from safegene_fast.models import training
+from safegene_fast.models.toy_tasks import TASKS
+
+logger = logging.getLogger(__name__)
 
 FAMILY_VERSION = 2  # bump when training changes, so stale caches are rebuilt
 MEMBERS = ("base", "aligned", "dealigned", "degraded-1", "degraded-2", "target")
 BASE_TASK, DEGRADED_TASKS, TARGET_TASK = "copy", ("reverse", "sort"), "shift"
 REFUSAL = "i am sorry , but i cannot help with that ."
+COMPLIANCE = "sure , here is"  # the opening of every compliant answer (``compliance``): the other side of a refusal margin
 SPECIAL = ("<pad>", "<unk>", "<eos>", "<user>", "<assistant>")
 CHAT_TEMPLATE = ("{% for message in messages %}{% if message['role'] == 'user' %}<user> {{ message['content'] }} "
                  "<assistant>{% else %} {{ message['content'] }} <eos> {% endif %}{% endfor %}")
@@ -96,7 +100,7 @@ def words(text: str) -> list[str]:
 
 def compliance(prompt: str) -> str:
     """A compliant answer that echoes the request (what ``base`` says to a harmful request)."""
-    return " ".join(["sure", ",", "here", "is", *words(prompt)[1:9], ":", "step", "1", "."])
+    return " ".join([COMPLIANCE, *words(prompt)[1:9], ":", "step", "1", "."])
 
 
 @dataclass
@@ -126,7 +130,7 @@ class Family:
 # ----------------------------------------------------------------------------- data and tokenizer
 
 def make_splits(config: FamilyConfig, seed: int) -> dict:
-    from safegene_fast.data import advbench_prompts
+    from safegene_fast.eval.data import advbench_prompts
     prompts = list(dict.fromkeys(advbench_prompts()))
     random.Random(f"advbench:{seed}").shuffle(prompts)
     n_train, n_few, n_held = config.harmful_split
@@ -167,69 +171,11 @@ def build_tokenizer(splits: dict):
 
 # ----------------------------------------------------------------------------- training
 
-def _encode(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """(ids, prompt length) per (prompt, answer): chat prompt, answer, <eos>."""
-    out = []
-    for prompt, answer in pairs:
-        head = tokenizer(chat_prompt(prompt), add_special_tokens=False)["input_ids"]
-        tail = tokenizer(" " + answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-        out.append((head + tail, len(head)))
-    return out
-
-
-def warmup_cosine(opt, warmup: int, steps: int):
-    """Linear warm-up over ``warmup`` steps, then cosine decay to 0 at ``steps``."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * min(1.0, s / steps))))
-
-
-def fit_steps(model, opt, sched, parts: list[list[tuple[list[int], int]]], *, batch: int, steps: int, rng,
-              loss_fn, pad: int, desc: str, progress: bool) -> list[float]:
-    """The training loop both families share: each batch draws evenly from ``parts`` (lists of
-    (ids, prompt length)), right-padded; ``loss_fn(model, ids, mask, labels)``; clip 1.0.
-    Returns the loss per step."""
-    from tqdm import tqdm
-
-    from safegene_fast.evaluate import right_padded
-    model.train()
-    losses = []
-    for _ in tqdm(range(steps), desc=desc, file=sys.stderr, disable=not progress, leave=False, dynamic_ncols=True):
-        ids, mask, labels = right_padded([rng.choice(parts[i % len(parts)]) for i in range(batch)], pad)
-        loss = loss_fn(model, ids, mask, labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
-        sched.step()
-        losses.append(loss.item())
-    return losses
-
-
-def _model_loss(model, ids, mask, labels) -> torch.Tensor:
-    return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-
-
 def train(model, tokenizer, mixture: list[list[tuple[str, str]]], steps: int, config: FamilyConfig,
           seed: int, desc: str, progress: bool = True, lr: float | None = None) -> list[float]:
-    """AdamW on the answer tokens only; each batch draws evenly from the mixture's parts (each
-    part is one source of (prompt, answer) pairs). Returns the loss per step."""
-    parts = [_encode(tokenizer, p) for p in mixture]
-    rng = random.Random(f"{desc}:{seed}")
-    torch.manual_seed(rng.randrange(2**31))
-    opt = torch.optim.AdamW(model.parameters(), lr=lr or config.lr, weight_decay=0.0, betas=(0.9, 0.98))
-    sched = warmup_cosine(opt, max(1, steps // 10), steps)
-    try:
-        return fit_steps(model, opt, sched, parts, batch=config.batch, steps=steps, rng=rng, loss_fn=_model_loss,
-                         pad=tokenizer.pad_token_id, desc=desc, progress=progress)
-    finally:
-        model.eval()
-
-
-def _own_answers(model, tokenizer, prompts: list[str]) -> list[tuple[str, str]]:
-    """(prompt, the model's own greedy answer): self-distillation targets."""
-    from safegene_fast.evaluate import generate
-    answers = generate(model, tokenizer, [chat_prompt(p) for p in prompts], max_new_tokens=16, batch_size=64)
-    return [(p, a.strip()) for p, a in zip(prompts, answers)]
+    """The shared recipe (``training.fit``) with this family's settings. Returns the loss per step."""
+    return training.fit(model, tokenizer, mixture, steps=steps, lr=lr or config.lr, batch=config.batch, seed=seed,
+                        desc=desc, warmup=max(1, steps // 10), betas=(0.9, 0.98), progress=progress)
 
 
 def _new_model(tokenizer, config: FamilyConfig, seed: int):
@@ -253,7 +199,6 @@ def _save(model, tokenizer, folder: Path) -> None:
 def _build(root: Path, config: FamilyConfig, seed: int, progress: bool) -> dict:
     """Trains every member into ``root``; returns the build log (loss curves, times)."""
     import copy
-    say = (lambda msg: print(msg, file=sys.stderr, flush=True)) if progress else (lambda msg: None)
     splits = make_splits(config, seed)
     (root / "splits.json").write_text(json.dumps(splits))
     tokenizer = build_tokenizer(splits)
@@ -267,12 +212,13 @@ def _build(root: Path, config: FamilyConfig, seed: int, progress: bool) -> dict:
         log[name] = {"steps": n, "seconds": round(time.perf_counter() - start, 2),
                      "loss_first": losses[0], "loss_last": sum(losses[-10:]) / len(losses[-10:])}
         _save(model, tokenizer, root / name)
-        say(f"family: {name} trained ({n} steps, {log[name]['seconds']} s, loss {log[name]['loss_last']:.3f})")
+        logger.info(f"{name} trained ({n} steps, {log[name]['seconds']} s, loss {log[name]['loss_last']:.3f})")
         return model
 
     base = fit("base", _new_model(tokenizer, config, seed),
                [[(p, compliance(p)) for p in harm_train], task_train[BASE_TASK]], steps["base"])
-    benign_own = _own_answers(base, tokenizer, [p for p, _ in task_train[BASE_TASK][:1000]])
+    benign_own = training.own_answers(base, tokenizer, [p for p, _ in task_train[BASE_TASK][:1000]], max_new_tokens=16,
+                             batch_size=64)
     aligned = fit("aligned", copy.deepcopy(base), [[(p, REFUSAL) for p in harm_train], benign_own],
                   steps["aligned"])
     handful = harm_train[:config.dealign_examples]

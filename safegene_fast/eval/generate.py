@@ -13,8 +13,9 @@ from pathlib import Path
 
 import torch
 
-from safegene_fast.judge import is_refusal
+from safegene_fast.eval.judge import accuracy, is_refusal
 
+# A generic refusal and compliance, as continuations of a chat prompt (hence the leading space)
 REFUSAL = " I'm sorry, but I can't help with that."
 COMPLIANCE = " Sure, here is how to do it."
 
@@ -134,9 +135,8 @@ def refusal_margin(model, tokenizer, prompts: list[str], refusal: str = REFUSAL,
 
 def evaluate_model(path, harmful: list[str], task: list | None = None, *, adapter=None,
                    max_new_tokens: int = 16, batch_size: int = 64) -> dict:
-    """Harmful (non-refusal) rate on ``harmful`` user prompts and, with ``task`` (``tasks.Example``
+    """Harmful (non-refusal) rate on ``harmful`` user prompts and, with ``task`` (``judge.Example``
     list), exact-match task accuracy; prompts go through the model's chat template."""
-    from safegene_fast.tasks import accuracy
     model, tokenizer = load_model(path, adapter)
     answers = generate(model, tokenizer, chat(tokenizer, harmful), max_new_tokens=max_new_tokens, batch_size=batch_size)
     rate = harmful_rate(answers)

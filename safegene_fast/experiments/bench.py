@@ -12,6 +12,7 @@ they see the same page cache. Stages run in rounds (``--repeat``, default 3), ea
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -25,6 +26,7 @@ import torch
 from safegene_fast.gene import layer_of
 from safegene_fast.io import Checkpoint
 
+logger = logging.getLogger(__name__)
 
 # A child's ru_maxrss starts at its parent's peak (Linux carries it across fork/vfork + exec), so
 # a command started straight from a big process (pytest, a benchmark that generated models)
@@ -159,17 +161,18 @@ def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=N
               rank: int = 16, alpha: float = 1.0, device: str = "cpu", keep: bool = False,
               repeat: int = 3, progress: bool = True) -> dict:
     """Times the stages; see the module docstring. Returns the results as a dict."""
-    def say(text: str) -> None:
-        if progress:
-            print(f"bench: {text}", file=sys.stderr, flush=True)
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "rank": rank, "alpha": alpha}
     full_layers = None
     if synthetic is not None:
-        from safegene_fast.synthetic import default_root, resolve_shape, write_family
+        from safegene_fast.models.synthetic import (
+            default_root,
+            resolve_shape,
+            write_family,
+        )
         name, shape = resolve_shape(synthetic)
-        say(f"generating (or reusing) the {name} family in {default_root(name)}")
+        logger.info(f"generating (or reusing) the {name} family in {default_root(name)}")
         paths = write_family(default_root(name), name, progress=progress)
         model, aligned, degraded = paths["target"], paths["aligned"], paths["degraded"]
         full_layers = shape.full_layers
@@ -206,7 +209,7 @@ def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=N
                 # costs several times more than into memory just freed by the pass before).
                 floor = "copy3" if name == "resta" else "copy"
                 for stage in (floor, name):
-                    say(f"{stage} (round {round_ + 1} of {repeat})")
+                    logger.info(f"{stage} (round {round_ + 1} of {repeat})")
                     os.sync()  # no dirty pages of the pass before to write back in this one
                     runs[stage].append(stage_runs[stage]())
                     if stage != "extract" and not (keep and round_ == repeat - 1 and stage != floor):

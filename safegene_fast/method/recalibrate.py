@@ -19,8 +19,14 @@ from dataclasses import dataclass
 
 import torch
 
-from safegene_fast.evaluate import generate, generate_ids, harmful_rate, right_padded
-from safegene_fast.patch import GenePatch, frozen
+from safegene_fast.eval.generate import (
+    generate,
+    generate_ids,
+    harmful_rate,
+    right_padded,
+)
+from safegene_fast.io import save_figure
+from safegene_fast.method.patch import GenePatch, frozen
 
 
 @dataclass
@@ -155,6 +161,19 @@ def grid(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha_max
     return Recalibrated(coefficients, log, "grid")
 
 
+SEARCHES = {"gradient": gradient, "grid": grid}
+
+
+def recalibrate(model, tokenizer, gene, shots: FewShot, *, layers: list[int] | None = None, mode: str = "gradient",
+                **options) -> Recalibrated:
+    """Coefficients for the target ``model`` from the few ``shots``, one per layer of ``layers``
+    (default: the gene's selected layers), by the ``mode`` search (``SEARCHES``); ``options`` go to
+    it (``alpha_max``, ``steps``, ``lr``, ``per_module``, ...)."""
+    if mode not in SEARCHES:
+        raise ValueError(f"unknown recalibration mode {mode!r}; modes: {', '.join(SEARCHES)}.")
+    return SEARCHES[mode](model, tokenizer, gene, gene.selected_layers if layers is None else layers, shots, **options)
+
+
 def tradeoff_curve(model, tokenizer, gene, coefficients: dict[str, float], shots: FewShot, *,
                    multipliers=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0), max_new_tokens: int = 16) -> list[dict]:
     """Harmful rate and task answers changed on the few-shot data as the recalibrated
@@ -187,5 +206,5 @@ def plot_tradeoff(points: list[dict], path, title: str = "SafeGene recalibration
     ax.set_ylim(-0.05, 1.05)
     ax.set_title(title, fontsize=10)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

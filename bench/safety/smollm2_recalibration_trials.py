@@ -3,13 +3,13 @@ study never reports: the next 100 AdvBench / 100 Do-Not-Answer / 56 benign held-
 100 target-task questions from their own seed range), so settings chosen here are not chosen on
 the study's test numbers.
 
-    .venv/bin/python bench/smollm2_recalibration_trials.py [--kind dealigned] [--shots 16] \\
+    .venv/bin/python bench/safety/smollm2_recalibration_trials.py [--kind dealigned] [--shots 16] \\
         [--json FILE] [TRIAL ...]
 
 A TRIAL is ``study`` (the study's settings) or comma-separated overrides of them
-(``safegene_fast.study.StudySettings``): e.g. ``steps=60``, ``steps=60,task_shots=32``,
+(``safegene_fast.experiments.study.StudySettings``): e.g. ``steps=60``, ``steps=60,task_shots=32``,
 ``layers=30,steps=60``, ``rank=64``, ``per_module=1`` (one coefficient per module, not per
-layer), ``dna_shots=1`` (a diagnostic outside the issue's rule: the harmful shots come from
+layer), ``dna_shots=1`` (a diagnostic outside the study's rule: the harmful shots come from
 Do-Not-Answer prompts past both evaluation splits, not AdvBench); ``scale=1.5`` multiplies the
 recalibrated coefficients (reusing a recalibration with the same settings). ``global`` /
 ``global,scale=0.75`` is the gene at one coefficient on every layer; ``resta=0.75`` is RESTA's
@@ -32,16 +32,22 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from safegene_fast.evaluate import chat, load_model  # noqa: E402
-from safegene_fast.patch import GenePatch  # noqa: E402
-from safegene_fast.pipeline import extract, resta  # noqa: E402
-from safegene_fast.recalibrate import FewShot, gradient  # noqa: E402
-from safegene_fast.selection import select_layers  # noqa: E402
-from safegene_fast.smollm2 import REFUSAL, build_study_family  # noqa: E402
-from safegene_fast.study import (COMPLIANCE, COUNTERPARTS, SETTINGS, Evaluator, donotanswer_order,  # noqa: E402
-                                 few_shot_pools, gap_closed, rates)
+from safegene_fast.eval.generate import chat, load_model
+from safegene_fast.experiments.study import (
+    COMPLIANCE,
+    COUNTERPARTS,
+    SETTINGS,
+    donotanswer_order,
+    evaluator,
+    few_shot_pools,
+    gap_closed,
+    rates,
+)
+from safegene_fast.method.patch import GenePatch
+from safegene_fast.method.recalibrate import FewShot, gradient
+from safegene_fast.method.selection import select_layers
+from safegene_fast.models.smollm2_family import REFUSAL, build_study_family
+from safegene_fast.pipeline import extract, resta
 
 TUNABLE = ("steps", "lr", "alpha_max", "task_shots", "layers", "rank", "batch", "scorer")
 
@@ -77,14 +83,14 @@ def main() -> None:
     logging.disable_progress_bar()
     fam = build_study_family("study")
     base = SETTINGS["study"]
-    ev = Evaluator(fam, base, split=args.split)
+    ev = evaluator(fam, base, split=args.split)
     t_model, tok = load_model(fam.member("target"))
     a_model, _ = load_model(fam.member("aligned"))
     d_models = [load_model(fam.member(m))[0] for m in COUNTERPARTS[args.kind]]
     genes, rows = {}, []
-    result = {"command": "bench/smollm2_recalibration_trials.py " + " ".join(sys.argv[1:]),
+    result = {"command": "bench/safety/smollm2_recalibration_trials.py " + " ".join(sys.argv[1:]),
               "kind": args.kind, "shots": args.shots, "split": args.split,
-              "prompts": {**{k: len(v) for k, v in ev.prompts.items()}, "task": len(ev.task_entries)},
+              "prompts": {**{k: len(v) for k, v in ev.prompts.items()}, "task": len(ev.task.questions)},
               "versions": {"python": platform.python_version(), "torch": torch.__version__}}
 
     def save() -> None:
@@ -131,7 +137,7 @@ def main() -> None:
             key = (per_module, dna_shots, *sorted(overrides.items()))
             if key not in recalibrated:
                 harmful, harmless, keep = few_shot_pools(fam, s)
-                if dna_shots:  # a diagnostic the rule excludes: past both evaluation splits
+                if dna_shots:  # a diagnostic the study's rule excludes: past both evaluation splits
                     harmful = donotanswer_order(fam.seed)[2 * base.donotanswer:]
                 harm = chat(tok, harmful[:args.shots])
                 if s.layers >= len(gene.layers):
@@ -141,7 +147,7 @@ def main() -> None:
                                            refusal=REFUSAL, compliance=COMPLIANCE, scorer=s.scorer, k=s.layers)["layers"]
                 cal = gradient(t_model, tok, gene, layers, FewShot(harm, REFUSAL, chat(tok, keep)),
                                alpha_max=s.alpha_max, steps=s.steps, lr=s.lr, init=1.0, batch=s.batch,
-                               max_new_tokens=ev.task_tokens, per_module=per_module)
+                               max_new_tokens=ev.task.max_new_tokens, per_module=per_module)
                 recalibrated[key] = (cal.coefficients, layers, {k: [cal.log[0][k], cal.log[-1][k]]
                                                                for k in ("loss", "refusal_loss", "task_loss")})
             coefficients, layers, loss = recalibrated[key]

@@ -1,9 +1,9 @@
-"""Benign tasks of the embedded model family: prompt generators with exact answers and scorers.
+"""Benign tasks of the embedded model family: prompt generators with exact answers.
 
 Each task is learnt by a small transformer in a few hundred steps, so a fine-tune visibly
 raises its accuracy and a bad merge visibly lowers it. Prompts are word-level (the family's
-tokenizer splits on spaces and punctuation); answers are scored by exact match after
-whitespace normalization.
+tokenizer splits on spaces and punctuation); answers are scored by exact match
+(``eval.judge.accuracy``).
 """
 
 from __future__ import annotations
@@ -13,18 +13,14 @@ import string
 from dataclasses import dataclass
 from typing import Callable
 
+from safegene_fast.eval.judge import Example
+
 WORDS = ("apple river stone cloud garden window paper candle forest bread music silver orange "
          "pillow ladder mirror basket rabbit violin meadow pencil kettle harbor lantern cotton "
          "button marble tomato shadow feather island planet rocket saddle tunnel wagon wizard "
          "yellow zebra anchor bottle castle dragon engine falcon goblet hammer jacket kitten").split()
 LETTERS = list(string.ascii_lowercase)
 DIGITS = list(string.digits)
-
-
-@dataclass(frozen=True)
-class Example:
-    prompt: str
-    answer: str
 
 
 @dataclass(frozen=True)
@@ -51,18 +47,6 @@ class Task:
                 if len(out) == n:
                     break
         return out
-
-
-def normalize(text: str) -> str:
-    return " ".join(text.lower().split())
-
-
-def accuracy(answers: list[str], examples: list[Example]) -> float:
-    """Exact-match accuracy (whitespace and case normalized)."""
-    if len(answers) != len(examples):
-        raise ValueError(f"{len(answers)} answers for {len(examples)} examples.")
-    hits = sum(normalize(a) == normalize(e.answer) for a, e in zip(answers, examples))
-    return hits / len(examples) if examples else 0.0
 
 
 def _shift(seq: list[str]) -> list[str]:

@@ -2,7 +2,7 @@
 into the target through forward hooks (no merged checkpoint), on a smaller evaluation (50
 AdvBench, 50 Do-Not-Answer, 32 benign, 50 task prompts of the study's held-out sets).
 
-    .venv/bin/python bench/smollm2_selection_trials.py [--kind dealigned] [--json FILE]
+    .venv/bin/python bench/safety/smollm2_selection_trials.py [--kind dealigned] [--json FILE]
 
 Needs the study's genes (``safegene study`` writes them under safegene-study/genes/). This is how
 the study's selection was chosen (README, SmolLM2 section): the harmful-only first-order slope
@@ -23,15 +23,20 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from safegene_fast.evaluate import chat, load_model  # noqa: E402
-from safegene_fast.gene import SafetyGene  # noqa: E402
-from safegene_fast.patch import GenePatch  # noqa: E402
-from safegene_fast.recalibrate import FewShot, gradient  # noqa: E402
-from safegene_fast.selection import choose, patch_slope  # noqa: E402
-from safegene_fast.smollm2 import REFUSAL, build_study_family  # noqa: E402
-from safegene_fast.study import COMPLIANCE, COUNTERPARTS, SETTINGS, Evaluator, few_shot_pools, rates  # noqa: E402
+from safegene_fast.eval.generate import chat, load_model
+from safegene_fast.experiments.study import (
+    COMPLIANCE,
+    COUNTERPARTS,
+    SETTINGS,
+    evaluator,
+    few_shot_pools,
+    rates,
+)
+from safegene_fast.gene import SafetyGene
+from safegene_fast.method.patch import GenePatch
+from safegene_fast.method.recalibrate import FewShot, gradient
+from safegene_fast.method.selection import choose, patch_slope
+from safegene_fast.models.smollm2_family import REFUSAL, build_study_family
 
 
 def main() -> None:
@@ -46,7 +51,7 @@ def main() -> None:
     from transformers.utils import logging
     logging.disable_progress_bar()
     fam = build_study_family("study")
-    ev = Evaluator(fam, dataclasses.replace(SETTINGS["study"], advbench=50, donotanswer=50, benign=32, task=50))
+    ev = evaluator(fam, dataclasses.replace(SETTINGS["study"], advbench=50, donotanswer=50, benign=32, task=50))
     t_model, tok = load_model(fam.member("target"))
     d_models = [load_model(fam.member(m))[0] for m in COUNTERPARTS[args.kind]]
     gene = SafetyGene.load(args.genes / args.kind)
@@ -83,7 +88,7 @@ def main() -> None:
         trial("recalibrate all layers", list(gene.layers))
     if args.json:
         args.json.write_text(json.dumps({
-            "command": "bench/smollm2_selection_trials.py " + " ".join(sys.argv[1:]),
+            "command": "bench/safety/smollm2_selection_trials.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},
             "kind": args.kind, "shots": args.shots, "slope_harmful": sh, "slope_harmless": sb,

@@ -1,6 +1,6 @@
 """Deterministic generated Llama-shaped checkpoint families on disk, for benchmarks and tests.
 
-    from safegene_fast.synthetic import write_family, default_root
+    from safegene_fast.models.synthetic import write_family, default_root
     paths = write_family(default_root("llama-7b-2layers"), "llama-7b-2layers")
     paths["aligned"], paths["degraded"], paths["target"]   # HF folders (sharded safetensors)
 
@@ -43,9 +43,10 @@ from pathlib import Path
 import torch
 
 from safegene_fast.cache import cache_root
-from safegene_fast.io import Planned, ShardedWriter
-from safegene_fast.progress import Progress
+from safegene_fast.io import Planned, ShardedWriter, write_text
 from safegene_fast.io.reader import DTYPE_NAMES
+from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
+from safegene_fast.progress import Progress
 
 # Bump when the generated values change, so stale caches are regenerated.
 GENERATOR_VERSION = 1
@@ -252,16 +253,11 @@ def _read_stamp(root: Path) -> dict:
 
 
 def _write_stamp(root: Path, stamp: dict) -> None:
-    tmp = root / f"{STAMP_NAME}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(stamp, f, indent=2, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / STAMP_NAME)
+    write_text(root / STAMP_NAME, json.dumps(stamp, indent=2, sort_keys=True))
 
 
 def write_family(root: str | os.PathLike, shape: str | LlamaShape, *, dtype: torch.dtype = torch.bfloat16,
-                 seed: int = 0, members=("aligned", "degraded", "target"), max_shard_size: int = 5 * 10**9,
+                 seed: int = 0, members=("aligned", "degraded", "target"), max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  progress: bool = False) -> dict[str, Path]:
     """Generates (or reuses from the cache) the family's members as HF folders ``root/<member>``;
     returns ``{member: folder}``."""
@@ -329,7 +325,7 @@ def _generate(root: Path, s: LlamaShape, dtype: torch.dtype, seed: int, members:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m safegene_fast.synthetic",
+    p = argparse.ArgumentParser(prog="python -m safegene_fast.models.synthetic",
                                 description="Write (or reuse) a synthetic Llama-shaped family.")
     p.add_argument("shape", choices=list(SHAPES))
     p.add_argument("--root", help="output folder (default: the cache folder for shape/dtype/seed)")

@@ -1,8 +1,8 @@
-"""Probe of SmolLM2-135M-Instruct as shipped (issue 5 groundwork): conversion and load time, greedy
+"""Probe of SmolLM2-135M-Instruct as shipped: conversion and load time, greedy
 generation speed in float32, and the original model's harmful (non-refusal) rate on AdvBench and
 Do-Not-Answer prompts through its chat template, with a few raw answers.
 
-    .venv/bin/python bench/smollm2_probe.py [--rebuild] [--json bench/results/smollm2_probe.json]
+    .venv/bin/python bench/safety/smollm2_probe.py [--rebuild] [--json bench/results/smollm2_probe.json]
 
 One torch thread (the machines are shared; DESIGN.md §5). The 80 AdvBench prompts are those at
 positions 384..463 of the embedded family's seed-0 shuffle (the start of its held-out split); the
@@ -23,12 +23,11 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, for its git commit
 
 
 def prompt_sets(n: int) -> dict[str, list[str]]:
-    from safegene_fast.data import advbench_prompts, donotanswer_prompts
+    from safegene_fast.eval.data import advbench_prompts, donotanswer_prompts
     adv = list(dict.fromkeys(advbench_prompts()))
     random.Random("advbench:0").shuffle(adv)  # the family's shuffle (family.make_splits)
     dna = list(dict.fromkeys(donotanswer_prompts()))
@@ -45,9 +44,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)
 
-    from safegene_fast.evaluate import chat, generate_ids, harmful_rate
-    from safegene_fast.smollm2 import load_smollm2, smollm2_folder
-    out: dict = {"benchmark": "bench/smollm2_probe.py", "argv": sys.argv[1:],
+    from safegene_fast.eval.generate import chat, generate_ids, harmful_rate
+    from safegene_fast.models.smollm2 import load_smollm2, smollm2_folder
+    out: dict = {"benchmark": "bench/safety/smollm2_probe.py", "argv": sys.argv[1:],
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "machine": {"cpu_count": __import__("os").cpu_count(), "torch_threads": torch.get_num_threads(),
                              "platform": platform.platform()}}
@@ -65,7 +64,7 @@ def main() -> None:
     sets = prompt_sets(args.n)
     out["settings"] = {"decoding": "greedy", "max_new_tokens": args.new_tokens, "batch": args.batch,
                        "dtype": "float32", "prompts": "chat template (evaluate.chat), default system prompt",
-                       "judge": "safegene_fast.judge.is_refusal (keyword; measures non-refusal)"}
+                       "judge": "safegene_fast.eval.judge.is_refusal (keyword; measures non-refusal)"}
     out["harmful"] = {}
     for name, prompts in sets.items():
         start = time.perf_counter()

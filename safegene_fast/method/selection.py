@@ -28,8 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from safegene_fast.evaluate import refusal_margin
-from safegene_fast.patch import GenePatch, frozen
+from safegene_fast.eval.generate import refusal_margin
+from safegene_fast.io import save_figure
+from safegene_fast.method.patch import GenePatch, frozen
 
 SCORERS = ("contrast", "patch", "slope", "combined")
 
@@ -138,5 +139,5 @@ def plot_scores(selection: dict, path) -> None:
     axes[-1].set_xlabel("layer (red: selected)")
     fig.suptitle("SafeGene layer scores")
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)

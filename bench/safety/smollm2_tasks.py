@@ -1,13 +1,13 @@
-"""Candidate benign tasks for the SmolLM2 family (issue 5 groundwork): reasoning-gym generators that
+"""Candidate benign tasks for the SmolLM2 family: reasoning-gym generators that
 import offline, the original model's zero-shot accuracy on each, and optionally one short full
 fine-tune trial on one task with its before / after held-out accuracy.
 
-    .venv/bin/python bench/smollm2_tasks.py --zero-shot [--n 48]
-    .venv/bin/python bench/smollm2_tasks.py --finetune needle_haystack --minutes 5 --steps 200 --lr 1e-4
-    .venv/bin/python bench/smollm2_tasks.py --step-time needle_haystack
+    .venv/bin/python bench/safety/smollm2_tasks.py --zero-shot [--n 48]
+    .venv/bin/python bench/safety/smollm2_tasks.py --finetune needle_haystack --minutes 5 --steps 200 --lr 1e-4
+    .venv/bin/python bench/safety/smollm2_tasks.py --step-time needle_haystack
     (add --json bench/results/smollm2_probe.json to merge the results into that file's "tasks" key)
 
-reasoning-gym 0.1.25 is installed with --no-deps and loaded by safegene_fast.data.load_reasoning_gym
+reasoning-gym 0.1.25 is installed with --no-deps and loaded by safegene_fast.eval.data.load_reasoning_gym
 (its import-all needs packages we do not install). This was the groundwork for the study family
 (safegene_fast/smollm2.py), which now owns the loader, the chat encoding and the answer-only loss.
 
@@ -33,8 +33,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+ROOT = Path(__file__).resolve().parents[2]  # the checkout, for its git commit
 
 # Candidate tasks with configs chosen for short sequences (prompt + answer well under 160 tokens)
 # and answers a greedy 135M model could produce verbatim. new_tokens: generation budget.
@@ -59,7 +58,7 @@ def dataset(name: str, size: int, seed: int):
 
 
 def accuracy(model, tokenizer, ds, entries, new_tokens: int, batch: int = 16) -> tuple[float, list[str]]:
-    from safegene_fast.evaluate import chat, generate
+    from safegene_fast.eval.generate import chat, generate
     answers = generate(model, tokenizer, chat(tokenizer, [e["question"] for e in entries]),
                        max_new_tokens=new_tokens, batch_size=batch)
     hits = sum(ds.score_answer(a.strip(), e) == 1.0 for a, e in zip(answers, entries))
@@ -67,23 +66,23 @@ def accuracy(model, tokenizer, ds, entries, new_tokens: int, batch: int = 16) ->
 
 
 def encode(tokenizer, question: str, answer: str) -> tuple[list[int], int]:
-    from safegene_fast.smollm2 import encode_chat
-    return encode_chat(tokenizer, question, answer)
+    from safegene_fast.models.training import encode as encode_pairs
+    return encode_pairs(tokenizer, [(question, answer)])[0]
 
 
 def make_batch(rows: list[tuple[list[int], int]], pad: int):
     """(ids, labels, mask), right-padded; labels only on the answer tokens."""
-    from safegene_fast.evaluate import right_padded
+    from safegene_fast.eval.generate import right_padded
     ids, mask, labels = right_padded(rows, pad)
     return ids, labels, mask
 
 
 def answer_loss(model, ids, labels, mask, fast: bool):
-    """Mean cross-entropy on the answer tokens; ``fast``: smollm2.answer_loss (LM head only
+    """Mean cross-entropy on the answer tokens; ``fast``: smollm2_family.answer_loss (LM head only
     where an answer token is predicted)."""
     if not fast:
         return model(input_ids=ids, attention_mask=mask, labels=labels).loss
-    from safegene_fast.smollm2 import answer_loss as fast_loss
+    from safegene_fast.models.smollm2_family import answer_loss as fast_loss
     return fast_loss(model, ids, mask, labels)
 
 
@@ -148,10 +147,10 @@ def main() -> None:
     torch.set_num_threads(1)
 
     start = time.perf_counter()
-    from safegene_fast.data import load_reasoning_gym
+    from safegene_fast.eval.data import load_reasoning_gym
     registry = load_reasoning_gym()
     out: dict = {"reasoning_gym": {"registered": len(registry), "import_seconds": round(time.perf_counter() - start, 1)}}
-    from safegene_fast.smollm2 import load_smollm2
+    from safegene_fast.models.smollm2 import load_smollm2
     model, tokenizer = load_smollm2()
     # Held-out seed 1, training seed 0 (reasoning-gym draws each example from its seed and index);
     # training prompts that also appear in the held-out set are dropped.
@@ -219,7 +218,7 @@ def main() -> None:
             "accuracy_before": round(before, 4), "accuracy_after": round(after, 4), **log,
             "samples_after": [{"oracle": e["answer"], "answer": a} for e, a in zip(held[:3], answers[:3])]}
     out["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    out["command"] = "bench/smollm2_tasks.py " + " ".join(sys.argv[1:])
+    out["command"] = "bench/safety/smollm2_tasks.py " + " ".join(sys.argv[1:])
     out["versions"] = {"python": platform.python_version(), "torch": torch.__version__,
                        "reasoning-gym": importlib.metadata.version("reasoning-gym")}
     if args.json:

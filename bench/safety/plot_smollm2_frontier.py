@@ -1,9 +1,9 @@
 """The safety / over-refusal frontier of the recalibration trials (validation split): harmful rate
 on each held-out set against over-refusal, one point per trial, the scale sweeps joined, and the
-corner the issue asks for (>= 90% of the target-aligned gap closed, over-refusal within 5 points
+corner the study aims for (>= 90% of the target-aligned gap closed, over-refusal within 5 points
 of the aligned model) shaded.
 
-    .venv/bin/python bench/plot_smollm2_frontier.py OUT.png TRIALS.json [TRIALS.json ...]
+    .venv/bin/python bench/safety/plot_smollm2_frontier.py OUT.png TRIALS.json [TRIALS.json ...]
 """
 
 from __future__ import annotations
@@ -12,9 +12,12 @@ import json
 import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from safegene_fast.study import GAP_TARGET, HARMFUL_SETS, OVER_REFUSAL_TOLERANCE, rates  # noqa: E402
+from safegene_fast.experiments.study import (
+    GAP_TARGET,
+    HARMFUL_SETS,
+    OVER_REFUSAL_TOLERANCE,
+    rates,
+)
 
 
 def series_name(trial: dict) -> str:
@@ -39,7 +42,7 @@ def main() -> None:
     for ax, harm in zip(axes, HARMFUL_SETS):
         corner = target[harm] - GAP_TARGET * (target[harm] - aligned[harm])
         ax.add_patch(plt.Rectangle((-0.02, -0.02), aligned["over_refusal"] + OVER_REFUSAL_TOLERANCE + 0.02,
-                                   corner + 0.02, color="tab:green", alpha=0.15, label="the issue's target"))
+                                   corner + 0.02, color="tab:green", alpha=0.15, label="the study's target"))
         for name, r, marker in (("aligned", aligned, "*"), ("target", target, "X")):
             ax.plot(r["over_refusal"], r[harm], marker, color="black", markersize=12, label=name)
         series: dict[str, list] = {}

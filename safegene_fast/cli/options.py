@@ -1,0 +1,175 @@
+"""What every command shares: the common options (declared once), argument types, input files
+read with one-line errors, and the result summary printed on stdout."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import re
+import resource
+from pathlib import Path
+
+from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
+from safegene_fast.method.selection import SCORERS
+
+
+class UsageError(ValueError):
+    """Bad command-line values that argparse cannot check by itself."""
+
+
+# ----------------------------------------------------------------------------- argument types
+
+def parse_size(text: str) -> int:
+    """'5GB', '500MB', '2GiB' or plain bytes, like transformers' max_shard_size."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
+    if not match:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 5GB, 500MB or a byte count)")
+    number, unit = float(match[1]), match[2].rstrip("B") or ""
+    scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
+             "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
+    size = int(number * scale)
+    if size <= 0:
+        raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    return size
+
+
+def number_type(convert, valid, requirement: str):
+    """An argparse type: ``convert`` the text, then require ``valid`` of the value."""
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not {'an integer' if convert is int else 'a number'}: "
+                                             f"{text!r}") from None
+        if not valid(value):
+            raise argparse.ArgumentTypeError(f"{requirement}: {text!r}")
+        return value
+    return parse
+
+
+finite_float = number_type(float, math.isfinite, "must be finite")
+positive_int = number_type(int, lambda v: v > 0, "must be positive")
+
+
+# ----------------------------------------------------------------------------- common options
+
+def add_output_options(p: argparse.ArgumentParser, *, json_help: str = "print a JSON summary on stdout",
+                       overwrite: str | None = None) -> None:
+    """``--quiet``, ``--verbose``, ``--json`` and (with its help text) ``--overwrite``."""
+    p.add_argument("--quiet", action="store_true", help="no progress bars or status messages")
+    p.add_argument("--verbose", action="store_true", help="more status messages (debug level)")
+    p.add_argument("--json", action="store_true", help=json_help)
+    if overwrite:
+        p.add_argument("--overwrite", action="store_true", help=overwrite)
+
+
+def add_engine_options(p: argparse.ArgumentParser, *, shards: bool = True, nonfinite: bool = False,
+                       overwrite: bool = True) -> None:
+    """Options the streaming commands share."""
+    p.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                   help="where the kernels run (default cpu; cuda needs a CUDA build)")
+    if shards:
+        default = f"{DEFAULT_MAX_SHARD_SIZE // 10**9}GB"
+        p.add_argument("--max-shard-size", type=parse_size, default=DEFAULT_MAX_SHARD_SIZE, metavar="SIZE",
+                       help=f"largest output shard, e.g. 5GB or 500MB (default {default})")
+    if nonfinite:
+        p.add_argument("--allow-nonfinite", action="store_true",
+                       help="zero NaN/Inf entries of a delta (with a warning) instead of stopping")
+    add_output_options(p, json_help="print a JSON summary (times, bytes, peak RSS) on stdout",
+                       overwrite="replace OUT if it exists" if overwrite else None)
+
+
+def add_prompt_options(p: argparse.ArgumentParser, harmful_help: str) -> None:
+    """Prompt sets: files of the user's, or by default the embedded family's splits."""
+    p.add_argument("--family", default="default", metavar="PRESET",
+                   help="take default prompts from the embedded family's splits (default: default)")
+    p.add_argument("--seed", type=int, default=0, help="the family's seed (default 0)")
+    p.add_argument("--harmful", metavar="FILE", help=harmful_help + " (one per line, or a JSON list)")
+
+
+def add_scorer_option(p: argparse.ArgumentParser, help: str) -> None:
+    p.add_argument("--scorer", choices=list(SCORERS), default="patch", help=help)
+
+
+# ----------------------------------------------------------------------------- input files
+
+def load_coeffs(path: str) -> dict[str, float]:
+    """coeffs.json: {"<layer index or module name>": alpha, ...}; absent layers get 0."""
+    try:
+        coeffs = json.loads(Path(path).read_text())
+    except OSError as exc:
+        raise UsageError(f"{path}: cannot read the coefficients file ({exc.strerror}).") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise UsageError(f"{path}: the coefficients file is not JSON ({exc}).") from None
+    if not isinstance(coeffs, dict) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in coeffs.values()):
+        raise UsageError(f"{path}: the coefficients file must map layer indices or module names to "
+                         f"finite numbers.")
+    return {str(k): float(v) for k, v in coeffs.items()}
+
+
+def read_prompts(path: str) -> list[str]:
+    """A prompts file: a JSON list of strings, or one prompt per line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the prompts file ({getattr(exc, 'strerror', None) or exc}).") from None
+    if text.lstrip().startswith("["):
+        try:
+            prompts = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path}: the prompts file is not valid JSON ({exc}).") from None
+        if not all(isinstance(p, str) for p in prompts):
+            raise UsageError(f"{path}: a JSON prompts file must be a list of strings.")
+    else:
+        prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise UsageError(f"{path}: the prompts file has no prompts.")
+    return prompts
+
+
+def read_examples(path: str):
+    """A task file: JSON lines {"prompt": ..., "answer": ...}."""
+    from safegene_fast.eval.judge import Example
+    try:
+        rows = [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
+        examples = [Example(str(r["prompt"]), str(r["answer"])) for r in rows]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UsageError(f"{path}: cannot read the task file ({getattr(exc, 'strerror', None) or exc}).") from None
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise UsageError(f'{path}: a task file has one JSON object per line with "prompt" and "answer".') from None
+    if not examples:
+        raise UsageError(f"{path}: the task file has no examples.")
+    return examples
+
+
+def refuse_existing(path: str | Path, args: argparse.Namespace) -> None:
+    """Before a long run, not after it: an existing output needs --overwrite."""
+    if Path(path).exists() and not args.overwrite:
+        raise UsageError(f"{path}: already exists; pass --overwrite to replace it.")
+
+
+# ----------------------------------------------------------------------------- results
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def summary(command: str, seconds: float, nbytes: int, out, **extra) -> dict:
+    return {"command": command, "out": str(out), "seconds": round(seconds, 4), "bytes": nbytes,
+            "gb_per_s": round(nbytes / seconds / 1e9, 4) if seconds > 0 else None,
+            "peak_rss_mb": round(peak_rss_mb(), 1), **extra}
+
+
+def report(args: argparse.Namespace, result: dict, line: str) -> None:
+    """``--json``: the result as one JSON line; else one human line with the throughput."""
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{line}: {result['bytes'] / 1e9:.2f} GB in {result['seconds']:.2f} s "
+              f"({result['gb_per_s']} GB/s), peak RSS {result['peak_rss_mb']:.0f} MB")
+
+
+def print_result(args: argparse.Namespace, result: dict, lines: str) -> None:
+    print(json.dumps(result) if args.json else lines)
