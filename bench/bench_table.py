@@ -11,7 +11,6 @@ error of the rank-r approximation over the optimal rank-r error (full SVD, Eckar
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import sys
@@ -21,6 +20,7 @@ from datetime import datetime, timezone
 import torch
 
 import safegene_fast as sg
+from safegene_fast.io import write_json
 
 TARGETS = {
     "merge_dense_ / copy floor": 0.7,
@@ -160,13 +160,12 @@ def main() -> int:
         print(f"{name:<31} {value:8.2f} {TARGETS[name]:7.2f}  {'yes' if met else 'NO'}")
 
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({
-                "command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-                "torch": torch.__version__, "safegene_fast": sg.__version__, "build": info,
-                "threads": torch.get_num_threads(), "quick": args.quick,
-                "merge": merges, "rsvd": svds, "targets": {k: {"measured": v, "met": m} for k, (v, m) in checks.items()},
-            }, f, indent=2)
+        write_json(args.json, {
+            "command": " ".join(sys.argv), "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "torch": torch.__version__, "safegene_fast": sg.__version__, "build": info,
+            "threads": torch.get_num_threads(), "quick": args.quick,
+            "merge": merges, "rsvd": svds, "targets": {k: {"measured": v, "met": m} for k, (v, m) in checks.items()},
+        })
     return 0
 
 

@@ -49,6 +49,7 @@ from pathlib import Path
 
 import torch
 
+from safegene_fast.io import write_text
 import safegene_fast
 from safegene_fast.experiments.bench import COPY_FLOOR, measure_command, shard_files
 from safegene_fast.io import Checkpoint
@@ -591,7 +592,7 @@ def main(argv: list[str] | None = None) -> int:
             "total_s": round(time.perf_counter() - t_start, 1),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2, default=str) + "\n")
+        write_text(args.json, json.dumps(result, indent=2, default=str) + "\n")
         print(f"results written to {args.json}")
     if not args.keep:
         rm(work)

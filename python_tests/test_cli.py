@@ -190,7 +190,7 @@ def test_nonfinite_delta_error_or_allowed(family, capsys, tmp_path):
     args = ["extract", "--aligned", str(family["aligned"]), "--degraded", str(poisoned), "--out",
             str(tmp_path / "g"), "--quiet"]
     line = error_of(capsys, args)
-    assert f"the delta of tensor '{name}' has 1 NaN or Inf values (pass --allow-nonfinite" in line
+    assert f"the delta of tensor '{name}' has 1 NaN or Inf values. Pass --allow-nonfinite" in line
     assert not (tmp_path / "g").exists()
     assert main(args + ["--allow-nonfinite", "--json"]) == 0
     captured = capsys.readouterr()

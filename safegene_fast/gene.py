@@ -112,8 +112,8 @@ class SafetyGene:
         except (OSError, json.JSONDecodeError) as exc:
             raise CheckpointError(f"{folder}: not a safety gene folder ({exc}).") from None
         if meta.get("coefficients_folded", 1.0) != 1.0 and not allow_folded:
-            raise CheckpointError(f"{folder}: is an adapter with coefficients folded in (apply --format "
-                                  f"peft), not a gene; use the folder extract wrote.")
+            raise CheckpointError(f"{folder}: is an adapter with coefficients folded in (written by apply as a "
+                                  f"PEFT adapter), not a gene; use the folder extract wrote.")
         modules = {}
         for name, info in meta["modules"].items():
             try:

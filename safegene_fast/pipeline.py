@@ -40,6 +40,14 @@ def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | 
             and inc.search(n) and not (exc and exc.search(n))]
 
 
+class NonFiniteError(CheckpointError):
+    """A delta with NaN or Inf values, which ``allow_nonfinite`` would zero."""
+
+    def __init__(self, source, tensor: str, count: int):
+        super().__init__(f"{source}: the delta of tensor {tensor!r} has {count} NaN or Inf values.")
+        self.source, self.tensor, self.count = source, tensor, count
+
+
 def squared_frobenius(delta: torch.Tensor) -> float:
     """||delta||_F^2 from per-row fp32 norms summed in double: one fp32 reduction over a 28672 x
     8192 matrix came out 7% low (accumulated rounding); a row of a few thousand terms does not."""
@@ -61,8 +69,7 @@ def _check_finite(delta: torch.Tensor, inputs: list[tuple[object, torch.Tensor]]
         return 0, total
     source = next((path for path, t in inputs if not bool(torch.isfinite(t).all())), inputs[0][0])
     if not allow:
-        raise CheckpointError(f"{source}: the delta of tensor {name!r} has {bad} NaN or Inf values "
-                              f"(pass --allow-nonfinite to zero them).")
+        raise NonFiniteError(source, name, bad)
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
     warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.", stacklevel=3)
     return bad, squared_frobenius(delta)
@@ -236,9 +243,7 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
                         if piece_bad:  # merge_diff kept T where A - D is NaN or Inf
                             source = _nonfinite_source([(aligned, a), (degraded, d)])
                             if not allow_nonfinite:
-                                raise CheckpointError(
-                                    f"{source}: the delta of tensor {name!r} has {piece_bad} NaN or Inf "
-                                    f"values (pass --allow-nonfinite to zero them).")
+                                raise NonFiniteError(source, name, piece_bad)
                             bad += piece_bad
                         del t, a, d
                         for c in ckpts:

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from safegene_fast.io import save_figure
 from safegene_fast.experiments.study import (
     GAP_TARGET,
     HARMFUL_SETS,
@@ -69,7 +70,7 @@ def main() -> None:
     axes[1].legend(fontsize=7, loc="upper right")
     fig.suptitle("SmolLM2 study, de-aligned gene, 16 shots: every setting tried on the validation split", fontsize=10)
     fig.tight_layout()
-    fig.savefig(sys.argv[1], dpi=100)
+    save_figure(fig, sys.argv[1], dpi=100)
 
 
 if __name__ == "__main__":

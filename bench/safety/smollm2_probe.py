@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 import torch
+from safegene_fast.io import write_text
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, for its git commit
 
@@ -94,7 +95,7 @@ def main() -> None:
                                                     text=True).stdout.strip()}
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_text(args.json, json.dumps(out, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

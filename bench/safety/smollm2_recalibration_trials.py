@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from safegene_fast.io import write_text
 from safegene_fast.eval.generate import chat, load_model
 from safegene_fast.experiments.study import (
     COMPLIANCE,
@@ -96,7 +97,7 @@ def main() -> None:
     def save() -> None:
         if args.json:
             result["date"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-            args.json.write_text(json.dumps({**result, "trials": rows}, indent=2) + "\n")
+            write_text(args.json, json.dumps({**result, "trials": rows}, indent=2) + "\n")
 
     for member, model in (("aligned", a_model), ("target", t_model)):  # the gap's two ends
         start = time.perf_counter()

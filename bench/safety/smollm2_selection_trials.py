@@ -23,6 +23,7 @@ from pathlib import Path
 
 import torch
 
+from safegene_fast.io import write_text
 from safegene_fast.eval.generate import chat, load_model
 from safegene_fast.experiments.study import (
     COMPLIANCE,
@@ -87,7 +88,7 @@ def main() -> None:
     if args.all_layers:
         trial("recalibrate all layers", list(gene.layers))
     if args.json:
-        args.json.write_text(json.dumps({
+        write_text(args.json, json.dumps({
             "command": "bench/safety/smollm2_selection_trials.py " + " ".join(sys.argv[1:]),
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "versions": {"python": platform.python_version(), "torch": torch.__version__},

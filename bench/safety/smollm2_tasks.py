@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 
 import torch
+from safegene_fast.io import write_text
 
 ROOT = Path(__file__).resolve().parents[2]  # the checkout, for its git commit
 
@@ -228,7 +229,7 @@ def main() -> None:
             if key in out:
                 tasks[key] = {**out.pop(key), "date": out["date"], "command": out["command"]}
         tasks.update(out)
-        args.json.write_text(json.dumps(doc, indent=2) + "\n")
+        write_text(args.json, json.dumps(doc, indent=2) + "\n")
         print(f"wrote {args.json}")
 
 

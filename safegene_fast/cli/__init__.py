@@ -21,6 +21,7 @@ from safegene_fast._version import __version__
 from safegene_fast.cli import engine, experiments, method
 from safegene_fast.cli.options import UsageError, parse_size
 from safegene_fast.io import OutputExistsError
+from safegene_fast.pipeline import NonFiniteError
 
 __all__ = ["UsageError", "build_parser", "main", "parse_size"]
 
@@ -80,6 +81,8 @@ def error_line(exc: BaseException) -> str:
     """The one line an expected failure is reported with; only here are flags named."""
     if isinstance(exc, OutputExistsError):
         return f"{exc.path}: already exists; pass --overwrite to replace it."
+    if isinstance(exc, NonFiniteError):
+        return f"{exc} Pass --allow-nonfinite to zero them."
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
