@@ -23,7 +23,7 @@ import torch
 from safegene_fast.cache import version
 from safegene_fast.eval.generate import chat, generate, load_model
 from safegene_fast.eval.judge import is_refusal
-from safegene_fast.io import remove, write_json
+from safegene_fast.io import remove
 
 JUDGE = "keyword refusal judge (safegene_fast.eval.judge)"
 
@@ -134,15 +134,6 @@ def fresh_dir(folder: Path) -> Path:
     """The scratch folder for the run's merged models, emptied first."""
     remove(folder)
     return folder
-
-
-def say(prefix: str, progress: bool, msg: str) -> None:
-    if progress:
-        print(f"{prefix}: {msg}", file=sys.stderr, flush=True)
-
-
-def save_result(path: Path, result: dict) -> Path:
-    return write_json(path, result)
 
 
 def plot_axes(ax, xlabel: str, ylabel: str | None = None, title: str | None = None) -> None:

@@ -24,7 +24,6 @@ from safegene_fast.experiments.common import (
     gap_closed,
     plot_axes,
     provenance,
-    save_result,
     within,
 )
 from safegene_fast.io import save_figure, write_json
@@ -166,7 +165,7 @@ def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene
     result["seconds"] = round(time.perf_counter() - start, 1)
     result.update(started)
     plot_methods(result, out / "methods.png")
-    save_result(out / "demo.json", result)
+    write_json(out / "demo.json", result)
     return result
 
 

@@ -42,7 +42,6 @@ from safegene_fast.experiments.common import (
     paired,
     plot_axes,
     provenance,
-    save_result,
     within,
 )
 from safegene_fast.io import remove, save_figure, write_json
@@ -245,7 +244,7 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
     result["seconds"] = round(time.perf_counter() - start, 1)
     result.update({**started, "date": now()})
     plot_study(result, out / "study.png")
-    save_result(out / "study.json", result)
+    write_json(out / "study.json", result)
     return result
 
 
