@@ -9,6 +9,9 @@ output and changes nothing outside it. Then the same cases through the command l
 import hashlib
 import json
 import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -192,3 +195,59 @@ def test_bench_work_folder_keeps_what_was_there(tmp_path, capsys):
     (work / "keep.txt").write_text("mine")
     assert main(["bench", "--synthetic", "llama-tiny", "--work", str(work), "--repeat", "1", "--quiet", "--json"]) == 0
     assert [p.name for p in work.iterdir()] == ["keep.txt"] and (work / "keep.txt").read_text() == "mine"
+
+
+# ----------------------------------------------------------------------------- signals and leftovers
+
+STOPPABLE = """
+import sys, time
+from pathlib import Path
+from safegene_fast.cli import Stopped, stop_on_signals
+from safegene_fast.io import atomic_folder
+stop_on_signals()
+try:
+    with atomic_folder(sys.argv[1]) as tmp:
+        (tmp / "model.safetensors").write_bytes(b"x" * 100_000)
+        print("ready", flush=True)
+        time.sleep(60)
+except Stopped as exc:
+    sys.exit(128 + exc.signum)
+"""
+
+
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGHUP], [signal.SIGINT, signal.SIGINT]])
+def test_a_stop_signal_leaves_no_temporary(tmp_path, signals):
+    """SIGTERM, SIGHUP and Ctrl-C (twice: the second may not cut the clean-up short) unwind the
+    run: its exit status says which signal, and nothing is left beside the output."""
+    out = tmp_path / "out"
+    child = subprocess.Popen([sys.executable, "-c", STOPPABLE, str(out)], stdout=subprocess.PIPE, text=True)
+    assert child.stdout.readline().strip() == "ready"
+    assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
+    for s in signals:
+        child.send_signal(s)
+    assert child.wait(timeout=30) == 128 + signals[0]
+    assert list(tmp_path.iterdir()) == []
+
+
+def dead_pid() -> int:
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def test_what_a_killed_run_left_is_cleaned_or_restored(tmp_path):
+    """A run killed outright (SIGKILL) leaves its temporary; the next run on that output removes
+    it. Killed between moving the old output aside and renaming the new one in, it leaves the old
+    output aside: the next run puts it back before deciding anything."""
+    pid = dead_pid()
+    (tmp_path / f".out.tmp-{pid}").mkdir()
+    (tmp_path / f".out.tmp-{pid}" / "model.safetensors").write_bytes(b"half")
+    (tmp_path / f".prev.old-{pid}").mkdir()
+    (tmp_path / f".prev.old-{pid}" / "model.safetensors").write_bytes(b"the earlier output")
+    with atomic_folder(tmp_path / "out") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"new")
+    with pytest.raises(OutputExistsError):  # prev is back, so it is not silently replaced
+        with atomic_folder(tmp_path / "prev"):
+            pass
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prev"]
+    assert (tmp_path / "prev" / "model.safetensors").read_bytes() == b"the earlier output"

@@ -94,6 +94,33 @@ def temp_sibling(target: str | os.PathLike, kind: str = "tmp") -> Path:
     return target.parent / f".{target.name}.{kind}-{os.getpid()}"
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(target: str | os.PathLike) -> None:
+    """What a killed run left beside ``target``: its temporary (removed) and, if it died between
+    moving the old output aside and renaming the new one in, the old output (put back)."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = leftover.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if kind == "old" and not (target.exists() or target.is_symlink()):
+                leftover.rename(target)
+            else:
+                remove(leftover)
+
+
 def remove(path: Path) -> None:
     """Removes a file or folder if it is there."""
     if path.is_dir() and not path.is_symlink():
@@ -155,6 +182,7 @@ def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False, inputs=
     """A fresh temporary folder to fill; on a clean exit it is fsynced and renamed to ``target``
     (an existing ``target`` is replaced only with ``overwrite``; see ``check_output``), on any
     error removed."""
+    sweep_stale(target)
     target = check_output(target, inputs, overwrite=overwrite, markers=markers)
     tmp = temp_sibling(target)
     remove(tmp)
