@@ -137,8 +137,15 @@ def test_existing_output_needs_overwrite(family, gene, capsys, tmp_path):
     assert (out / "keep.txt").read_text() == "mine"
     assert "already exists" in error_of(capsys, ["extract", "--aligned", str(family["aligned"]), "--degraded",
                                                  str(family["degraded"]), "--out", str(out), "--quiet"])
-    assert main(base + ["--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "config.json").exists()
+    # a folder that holds no checkpoint is no earlier output: --overwrite does not delete it
+    assert "exists and is not a checkpoint or adapter folder" in error_of(capsys, base + ["--overwrite"])
+    assert (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    out.rmdir()
+    assert main(base) == 0                      # now an earlier output is there
+    (out / "stale.txt").write_text("from the run before")
+    assert main(base + ["--overwrite"]) == 0    # which --overwrite replaces whole
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
 
 
 @pytest.mark.parametrize("content, problem", [

@@ -14,6 +14,7 @@ from safegene_fast.io import (
     Checkpoint,
     CheckpointError,
     OutputExistsError,
+    UnsafeOutputError,
     Planned,
     ShardedWriter,
     check_same_layout,
@@ -255,10 +256,15 @@ def test_existing_output_needs_overwrite(tmp_path):
     (out / "old.txt").write_text("old")
     with pytest.raises(OutputExistsError, match="out: already exists"):
         ShardedWriter(out, planned(ts))
+    # a folder that holds no checkpoint is not an earlier output: even --overwrite leaves it alone
+    with pytest.raises(UnsafeOutputError, match="out: exists and is not a checkpoint"):
+        ShardedWriter(out, planned(ts), overwrite=True)
+    assert (out / "old.txt").read_text() == "old"
+    save_file({"x": torch.zeros(1)}, str(out / "model.safetensors"))  # an earlier checkpoint: replaced whole
     with ShardedWriter(out, planned(ts), overwrite=True) as writer:
         for name, t in ts.items():
             writer.write(name, t)
-    assert not (out / "old.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "old.txt").exists() and set(load_file(str(out / "model.safetensors"))) == set(ts)
 
 
 def test_failure_midway_leaves_nothing(tmp_path):

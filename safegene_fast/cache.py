@@ -30,7 +30,7 @@ def build_once(root: Path, marker: str, build, *, rebuild: bool = False) -> Path
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        with atomic_folder(root, overwrite=True) as tmp:
+        with atomic_folder(root, overwrite=True, markers=None) as tmp:  # the cache's own folder
             write_json(tmp / marker, build(tmp))
     finally:
         torch.set_num_threads(threads)

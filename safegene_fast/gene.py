@@ -51,6 +51,7 @@ class SafetyGene:
     modules: dict[str, GeneModule]          # module name (weight name without ".weight")
     provenance: dict = field(default_factory=dict)
     selection: dict | None = None           # layer selection record (safegene_fast.method.selection)
+    folder: Path | None = field(default=None, compare=False)  # where it was loaded from, if it was
 
     @property
     def layers(self) -> list[int]:
@@ -71,10 +72,11 @@ class SafetyGene:
         return float(coeffs.get(str(self.modules[module].layer), 0.0))
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
-             base_model: str = "", coeffs: dict[str, float] | float = 1.0) -> Path:
-        """Writes the PEFT adapter (alpha folded into B) and safegene.json, atomically."""
+             base_model: str = "", coeffs: dict[str, float] | float = 1.0, inputs=()) -> Path:
+        """Writes the PEFT adapter (alpha folded into B) and safegene.json, atomically; ``folder``
+        may not be or touch one of ``inputs`` (``io.check_output``)."""
         folder = Path(folder)
-        with atomic_folder(folder, overwrite=overwrite) as tmp:
+        with atomic_folder(folder, overwrite=overwrite, inputs=inputs) as tmp:
             tensors, ranks = {}, {}
             for name, m in self.modules.items():
                 alpha = self.coefficient_for(name, coeffs)
@@ -123,4 +125,4 @@ class SafetyGene:
                 raise CheckpointError(f"{folder}: adapter has no factors for module {name!r}.") from None
             modules[name] = GeneModule(B, A, torch.tensor(info["singular_values"]), info["energy"],
                                        info["layer"])
-        return cls(modules, meta.get("provenance", {}), meta.get("selection"))
+        return cls(modules, meta.get("provenance", {}), meta.get("selection"), folder)

@@ -142,7 +142,8 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
         _check_gene_fits(model, ckpt, gene)
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
         ring = _PieceRing()
-        with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite) as writer, \
+        with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite,
+                           inputs=[model, *gene_inputs(gene)]) as writer, \
                 Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             for p in plan:
                 info = ckpt.tensors[p.name]
@@ -186,7 +187,13 @@ def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: s
         raise ValueError(f"unknown output format {format!r}; use 'merged' or 'peft'.")
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
-    return gene.save(out, overwrite=overwrite, base_model=str(Path(model).resolve()), coeffs=coeffs)
+    return gene.save(out, overwrite=overwrite, base_model=str(Path(model).resolve()), coeffs=coeffs,
+                     inputs=[model, *gene_inputs(gene)])
+
+
+def gene_inputs(gene: SafetyGene) -> list[Path]:
+    """The folder a gene was read from, if any: an input an output may not touch."""
+    return [gene.folder] if gene.folder is not None else []
 
 
 def _check_gene_fits(model, ckpt: Checkpoint, gene: SafetyGene) -> None:
@@ -220,7 +227,8 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
         plan = [Planned(n, i.dtype, i.shape) for n, i in t_ckpt.tensors.items()]
         names = [p.name for p in plan]
         ring = _PieceRing()
-        with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite) as writer, \
+        with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite,
+                           inputs=[model, aligned, degraded]) as writer, \
                 Progress("resta", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             pending = prefetcher.submit(_prefetch, ckpts, names[:1])
             for i, name in enumerate(names):

@@ -14,7 +14,9 @@ import argparse
 import ctypes
 import logging
 import os
+import signal
 import sys
+import threading
 import warnings
 
 from safegene_fast._version import __version__
@@ -73,6 +75,31 @@ def configure_logging(args: argparse.Namespace) -> None:
                   logging.DEBUG if getattr(args, "verbose", False) else logging.INFO)
 
 
+class Stopped(KeyboardInterrupt):
+    """SIGINT, SIGTERM or SIGHUP: unwinds like Ctrl-C, so every temporary output is removed."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def _stop(signum, frame):
+    for s in STOP_SIGNALS:  # a second signal must not cut the clean-up short
+        signal.signal(s, signal.SIG_IGN)
+    raise Stopped(signum)
+
+
+def stop_on_signals() -> dict:
+    """Turn the stop signals into ``Stopped`` (in the main thread, as Python requires); returns
+    the handlers they had."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    return {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+
+
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
     print(f"safegene: warning: {message}", file=file or sys.stderr)
 
@@ -98,16 +125,21 @@ def main(argv: list[str] | None = None) -> int:
         # transformers draws a bar for every model it loads: noise next to ours
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
+    previous = stop_on_signals()
     try:
         return args.func(args)
-    except KeyboardInterrupt:
-        print("safegene: interrupted; partial outputs were removed.", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(f"safegene: stopped by {signal.Signals(signum).name}; partial outputs were removed.", file=sys.stderr)
+        return 128 + signum
     except (ValueError, OSError, RuntimeError) as exc:  # CheckpointError and UsageError are ValueErrors
         if os.environ.get("SAFEGENE_TRACEBACK"):
             raise
         print(f"safegene: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

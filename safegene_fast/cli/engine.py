@@ -13,7 +13,7 @@ from safegene_fast.cli.options import (
     finite_float,
     load_coeffs,
     positive_int,
-    refuse_existing,
+    check_outputs,
     report,
     summary,
 )
@@ -30,14 +30,15 @@ def cmd_extract(args: argparse.Namespace) -> int:
     from safegene_fast.pipeline import extract
     if args.energy is not None and not 0 < args.energy <= 1:
         raise UsageError(f"--energy must be in (0, 1], got {args.energy}.")
-    refuse_existing(args.out, args)
+    inputs = [args.aligned, *args.degraded]
+    check_outputs(args, inputs, folders=[args.out])
     rank = args.rank if args.energy is None else None
     start = time.perf_counter()
     gene = extract(args.aligned, args.degraded, rank=rank, energy=args.energy, max_rank=args.max_rank,
                    oversample=args.oversample, power_iters=args.power_iters, seed=args.seed,
                    include=args.include, exclude=args.exclude, device=args.device,
                    allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
-    gene.save(args.out, overwrite=args.overwrite, base_model=str(Path(args.aligned).resolve()))
+    gene.save(args.out, overwrite=args.overwrite, base_model=str(Path(args.aligned).resolve()), inputs=inputs)
     seconds = time.perf_counter() - start
     ranks = [m.rank for m in gene.modules.values()]
     energies = [m.energy for m in gene.modules.values()]
@@ -55,6 +56,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from safegene_fast.pipeline import apply
     coeffs = load_coeffs(args.coeffs) if args.coeffs else args.alpha
+    check_outputs(args, [args.model, args.gene], folders=[args.out])
     start = time.perf_counter()
     apply(args.model, args.gene, args.out, coeffs, format=args.format, max_shard_size=args.max_shard_size,
           device=args.device, overwrite=args.overwrite, progress=not args.quiet)
@@ -69,6 +71,7 @@ def cmd_apply(args: argparse.Namespace) -> int:
 
 def cmd_resta(args: argparse.Namespace) -> int:
     from safegene_fast.pipeline import resta
+    check_outputs(args, [args.model, args.aligned, args.degraded], folders=[args.out])
     start = time.perf_counter()
     resta(args.model, args.aligned, args.degraded, args.alpha, args.out, max_shard_size=args.max_shard_size,
           device=args.device, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite,
@@ -158,7 +161,8 @@ def register(sub) -> None:
                    help="a generated model instead, e.g. llama-7b-2layers or llama-70b-2layers")
     p.add_argument("--rank", type=positive_int, default=16, help="gene rank (default 16)")
     p.add_argument("--alpha", type=finite_float, default=1.0, help="coefficient for apply and resta (default 1)")
-    p.add_argument("--work", metavar="DIR", help="folder for outputs (default: a temporary folder)")
+    p.add_argument("--work", metavar="DIR", help="where the outputs go, in a new subfolder that is removed at the end unless --keep "
+                   "(default: the system's temporary folder); nothing else in DIR is touched")
     p.add_argument("--repeat", type=positive_int, default=3, help="rounds of stages; the median is reported (default 3)")
     p.add_argument("--keep", action="store_true", help="keep the outputs (of the last round)")
     add_engine_options(p, shards=False, overwrite=False)

@@ -19,7 +19,7 @@ from safegene_fast.cli.options import (
     print_result,
     read_examples,
     read_prompts,
-    refuse_existing,
+    check_outputs,
 )
 from safegene_fast.method.recalibrate import SEARCHES
 
@@ -68,8 +68,11 @@ def cmd_select(args: argparse.Namespace) -> int:
     gene = SafetyGene.load(args.gene)
     if args.layers is not None and args.layers > len(gene.layers):
         raise UsageError(f"--layers {args.layers}: the gene has only {len(gene.layers)} layers.")
-    if args.out:
-        refuse_existing(args.out, args)
+    models = [args.aligned, *args.degraded]
+    if args.out:  # a new gene beside the one read
+        check_outputs(args, [args.gene, *models], folders=[args.out], files=[args.plot])
+    else:         # the gene is updated in place
+        check_outputs(args, [args.gene, *models], files=[args.plot])
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
     harmless = read_prompts(args.harmless) if args.harmless else [e.prompt for e in fam.examples(toy.BASE_TASK, "fewshot")]
@@ -104,7 +107,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from safegene_fast.io import write_json
     from safegene_fast.method import recalibrate as rc
     from safegene_fast.models import toy
-    refuse_existing(args.out, args)
+    check_outputs(args, [args.model, args.gene], files=[args.out, args.log, args.plot])
     gene = SafetyGene.load(args.gene)
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
@@ -119,9 +122,9 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     cal = rc.recalibrate(model, tokenizer, gene, shots, layers=layers, mode=args.mode, alpha_max=args.alpha_max,
                          per_module=args.per_module, progress=not args.quiet, **options)
     seconds = time.perf_counter() - start
-    write_json(args.out, cal.coefficients)
+    write_json(args.out, cal.coefficients, overwrite=args.overwrite)
     if args.log:
-        write_json(args.log, {"mode": cal.mode, "log": cal.log})
+        write_json(args.log, {"mode": cal.mode, "log": cal.log}, overwrite=args.overwrite)
     if args.plot:
         rc.plot_tradeoff(rc.tradeoff_curve(model, tokenizer, gene, cal.coefficients, shots), args.plot)
     result = {"coefficients": cal.coefficients, "mode": cal.mode, "layers": layers, "shots": len(shots.harmful),

@@ -144,10 +144,18 @@ def read_examples(path: str):
     return examples
 
 
-def refuse_existing(path: str | Path, args: argparse.Namespace) -> None:
-    """Before a long run, not after it: an existing output needs --overwrite."""
-    if Path(path).exists() and not args.overwrite:
-        raise UsageError(f"{path}: already exists; pass --overwrite to replace it.")
+def check_outputs(args: argparse.Namespace, inputs=(), *, folders=(), files=()) -> None:
+    """Before a long run, not after it: every output path is safe to write (``io.check_output``:
+    none is or touches an input, an existing one needs --overwrite and must be of its kind) and no
+    two are the same."""
+    from safegene_fast.io import check_distinct, check_output
+    check_distinct(*folders, *files)
+    for path in folders:
+        if path is not None:
+            check_output(path, inputs, overwrite=args.overwrite)
+    for path in files:
+        if path is not None:
+            check_output(path, inputs, overwrite=args.overwrite, folder=False)
 
 
 # ----------------------------------------------------------------------------- results

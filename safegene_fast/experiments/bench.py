@@ -179,8 +179,12 @@ def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=N
         result["synthetic"] = name
     result.update(model=str(model), aligned=aligned and str(aligned), degraded=degraded and str(degraded))
 
-    work = Path(work) if work else Path(tempfile.mkdtemp(prefix="safegene-bench-"))
-    work.mkdir(parents=True, exist_ok=True)
+    # a fresh folder of its own (inside --work if given): only what the benchmark made is removed
+    if work:
+        Path(work).mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="safegene-bench-", dir=work))
+    if keep:
+        result["work"] = str(work)
     common = ["--device", device]
     gene_out = work / "gene"
     stage_runs = {"copy": lambda: copy_floor(model, work / "copy")}

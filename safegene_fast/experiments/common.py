@@ -23,7 +23,8 @@ import torch
 from safegene_fast.cache import version
 from safegene_fast.eval.generate import chat, generate, load_model
 from safegene_fast.eval.judge import is_refusal
-from safegene_fast.io import remove
+from safegene_fast.io import UnsafeOutputError, remove
+from safegene_fast.io.atomic import looks_like_output
 
 JUDGE = "keyword refusal judge (safegene_fast.eval.judge)"
 
@@ -131,7 +132,14 @@ def provenance(command: str | None = None) -> dict:
 
 
 def fresh_dir(folder: Path) -> Path:
-    """The scratch folder for the run's merged models, emptied first."""
+    """The scratch folder for the run's merged models, emptied first: only of what a run leaves
+    there (checkpoint folders); anything else in it is refused, not deleted."""
+    if folder.is_symlink() or (folder.exists() and not folder.is_dir()):
+        raise UnsafeOutputError(f"{folder}: is not a folder of merged models; refusing to replace it.")
+    if folder.is_dir():
+        strangers = [p for p in folder.iterdir() if not looks_like_output(p) and not p.name.startswith(".")]
+        if strangers:
+            raise UnsafeOutputError(f"{folder}: holds {strangers[0].name!r}, which no run wrote; refusing to empty it.")
     remove(folder)
     return folder
 

@@ -8,6 +8,11 @@ moment is there neither the old nor the new output.
     with atomic_file(path) as f: f.write(...)            # text; mode="wb" for bytes
     write_json(path, obj)
     with atomic_folder(out, overwrite=True) as tmp: ...  # fill tmp; it becomes out on exit
+
+No output path can destroy an input: ``check_output`` (run by each of these before any byte
+moves) refuses an output that is, holds or lies inside one of the run's inputs, one that holds the
+working directory, and, when replacing, anything that is not an output of the same kind (a folder
+with a checkpoint or an adapter; a file, not a folder).
 """
 
 from __future__ import annotations
@@ -20,6 +25,14 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
+# What makes an existing folder one the tool may replace: it holds a checkpoint or an adapter.
+OUTPUT_MARKERS = ("model.safetensors", "model.safetensors.index.json", "adapter_config.json", "safegene.json")
+
+
+class UnsafeOutputError(ValueError):
+    """An output path that would destroy an input or something the tool did not write."""
+
+
 class OutputExistsError(FileExistsError):
     """The output already exists and replacing it was not asked for."""
 
@@ -28,10 +41,84 @@ class OutputExistsError(FileExistsError):
         self.path = Path(path)
 
 
+def looks_like_output(path: Path, markers=OUTPUT_MARKERS) -> bool:
+    """A real folder (not a link) holding one of ``markers``."""
+    return path.is_dir() and not path.is_symlink() and any((path / m).is_file() for m in markers)
+
+
+def check_output(target: str | os.PathLike, inputs=(), *, overwrite: bool = False, folder: bool = True,
+                 markers=OUTPUT_MARKERS) -> Path:
+    """Refuses ``target`` as an output unless writing it cannot destroy anything it should not:
+    it is not, does not hold and does not lie inside one of ``inputs`` (links followed), it does
+    not hold the working directory, and it does not exist unless ``overwrite``, in which case it
+    must be of the output's kind (``folder``: a folder holding one of ``markers``, or any folder
+    with ``markers=None``; else a file)."""
+    target = Path(target)
+    where = target.resolve()
+    for item in inputs:
+        source = Path(item).resolve()
+        if where == source:
+            raise UnsafeOutputError(f"{target}: is the input {item}; write the output elsewhere.")
+        if source.is_relative_to(where):
+            raise UnsafeOutputError(f"{target}: holds the input {item}; write the output elsewhere.")
+        if source.is_dir() and where.is_relative_to(source):
+            raise UnsafeOutputError(f"{target}: lies inside the input {item}; write the output elsewhere.")
+    if Path.cwd().resolve().is_relative_to(where):
+        raise UnsafeOutputError(f"{target}: holds the working directory; write the output elsewhere.")
+    if target.exists() or target.is_symlink():
+        if not overwrite:
+            raise OutputExistsError(target)
+        if folder and markers is not None and not looks_like_output(target, markers):
+            raise UnsafeOutputError(f"{target}: exists and is not a checkpoint or adapter folder; "
+                                    f"refusing to replace it.")
+        if not folder and (target.is_dir() or target.is_symlink()):
+            raise UnsafeOutputError(f"{target}: exists and is not a plain file; refusing to replace it.")
+    return target
+
+
+def check_distinct(*paths) -> None:
+    """Two outputs of one run may not be the same file."""
+    seen = {}
+    for p in paths:
+        if p is None:
+            continue
+        key = Path(p).resolve()
+        if key in seen:
+            raise UnsafeOutputError(f"{p}: is also the run's output {seen[key]}; give each output its own path.")
+        seen[key] = p
+
+
 def temp_sibling(target: str | os.PathLike, kind: str = "tmp") -> Path:
     """The hidden temporary name beside ``target`` that this process builds it under."""
     target = Path(target)
     return target.parent / f".{target.name}.{kind}-{os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def sweep_stale(target: str | os.PathLike) -> None:
+    """What a killed run left beside ``target``: its temporary (removed) and, if it died between
+    moving the old output aside and renaming the new one in, the old output (put back)."""
+    target = Path(target)
+    if not target.parent.is_dir():
+        return
+    for kind in ("tmp", "old"):
+        for leftover in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = leftover.name.rsplit("-", 1)[-1]
+            if not pid.isdigit() or int(pid) == os.getpid() or _alive(int(pid)):
+                continue
+            if kind == "old" and not (target.exists() or target.is_symlink()):
+                leftover.rename(target)
+            else:
+                remove(leftover)
 
 
 def remove(path: Path) -> None:
@@ -51,19 +138,23 @@ def fsync_dir(folder: str | os.PathLike) -> None:
 
 
 @contextmanager
-def atomic_file(target: str | os.PathLike, mode: str = "w", *, overwrite: bool = True,
+def atomic_file(target: str | os.PathLike, mode: str = "w", *, overwrite: bool = True, inputs=(),
                 encoding: str | None = "utf-8") -> Iterator:
     """An open file that becomes ``target`` when the block ends without error."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(target)
+    target = check_output(target, inputs, overwrite=overwrite, folder=False)
     tmp = temp_sibling(target)
     try:
         with open(tmp, mode, encoding=None if "b" in mode else encoding) as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, target)
+        if overwrite:
+            os.replace(tmp, target)
+        else:  # a hard link fails if another run made the file meanwhile: it is never replaced
+            try:
+                os.link(tmp, target)
+            except FileExistsError:
+                raise OutputExistsError(target) from None
     finally:
         tmp.unlink(missing_ok=True)
 
@@ -86,12 +177,13 @@ def save_figure(fig, target: str | os.PathLike, **kw) -> Path:
 
 
 @contextmanager
-def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False) -> Iterator[Path]:
+def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False, inputs=(),
+                  markers=OUTPUT_MARKERS) -> Iterator[Path]:
     """A fresh temporary folder to fill; on a clean exit it is fsynced and renamed to ``target``
-    (an existing ``target`` is replaced only with ``overwrite``), on any error removed."""
-    target = Path(target)
-    if target.exists() and not overwrite:
-        raise OutputExistsError(target)
+    (an existing ``target`` is replaced only with ``overwrite``; see ``check_output``), on any
+    error removed."""
+    sweep_stale(target)
+    target = check_output(target, inputs, overwrite=overwrite, markers=markers)
     tmp = temp_sibling(target)
     remove(tmp)
     tmp.mkdir(parents=True)

@@ -21,8 +21,10 @@ import torch
 
 from safegene_fast.io.atomic import (
     OutputExistsError,
+    check_output,
     commit_folder,
     remove,
+    sweep_stale,
     temp_sibling,
 )
 from safegene_fast.io.reader import (
@@ -92,10 +94,9 @@ class ShardedWriter:
     """
 
     def __init__(self, out: str | os.PathLike, tensors: list[Planned], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 copy_from: str | os.PathLike | None = None, overwrite: bool = False):
-        self.out = Path(out)
-        if self.out.exists() and not overwrite:
-            raise OutputExistsError(self.out)
+                 copy_from: str | os.PathLike | None = None, overwrite: bool = False, inputs=()):
+        sweep_stale(out)
+        self.out = check_output(out, [*inputs, *([copy_from] if copy_from else [])], overwrite=overwrite)
         self.overwrite = overwrite
         if max_shard_size <= 0:
             raise CheckpointError(f"max shard size must be positive, got {max_shard_size}.")
