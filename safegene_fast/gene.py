@@ -9,6 +9,7 @@ field for: singular values, energy kept, layer indices, provenance and settings.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -70,6 +71,28 @@ class SafetyGene:
         if module in coeffs:
             return float(coeffs[module])
         return float(coeffs.get(str(self.modules[module].layer), 0.0))
+
+    def check_coefficients(self, coeffs: dict[str, float] | float) -> None:
+        """Coefficients must land on the gene and do something: every key a layer index or module
+        name of the gene, every value finite, not all zero, and no product ``alpha * B`` that
+        overflows its dtype (it would write Inf weights)."""
+        values = list(coeffs.values()) if isinstance(coeffs, dict) else [coeffs]
+        if isinstance(coeffs, dict):
+            layers = {str(layer) for layer in self.layers}
+            unknown = [k for k in coeffs if k not in self.modules and k not in layers]
+            if unknown:
+                raise ValueError(f"coefficient key {unknown[0]!r} is neither a layer index ({', '.join(sorted(layers, key=int))}) "
+                                 f"nor a module of the gene.")
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+            raise ValueError("every coefficient must be a finite number.")
+        if not any(self.coefficient_for(m, coeffs) for m in self.modules):
+            raise ValueError("the coefficients are zero for every module of the gene: the output would be the "
+                             "unprotected model.")
+        for name, m in self.modules.items():
+            alpha = self.coefficient_for(name, coeffs)
+            if alpha and not bool(torch.isfinite(m.scaled_B(alpha)).all()):
+                raise ValueError(f"coefficient {alpha:g} makes the factors of module {name!r} overflow "
+                                 f"{str(m.B.dtype).removeprefix('torch.')}.")
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
              base_model: str = "", coeffs: dict[str, float] | float = 1.0, inputs=()) -> Path:

@@ -29,6 +29,8 @@ from safegene_fast.progress import Progress
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
 # projections); embeddings, the LM head and norms are outside this pattern or 1-D.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
+MAX_POWER_ITERS = 20   # each is two passes over the delta; past a few the factors stop changing
+MAX_OVERSAMPLE = 512
 PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
 
 
@@ -90,8 +92,14 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
             device: str = "cpu", factor_dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False,
             progress: bool = False) -> SafetyGene:
     """The safety gene of ``aligned - mean(degraded)``: LoRA factors per selected module."""
+    if isinstance(degraded, (str, os.PathLike)):  # one path, not a list of its characters
+        degraded = [degraded]
     if not degraded:
         raise CheckpointError("extract needs at least one degraded checkpoint.")
+    if not (isinstance(power_iters, int) and 0 <= power_iters <= MAX_POWER_ITERS):
+        raise ValueError(f"power iterations must be an integer from 0 to {MAX_POWER_ITERS}, not {power_iters!r}.")
+    if not (isinstance(oversample, int) and 0 <= oversample <= MAX_OVERSAMPLE):
+        raise ValueError(f"oversampling must be an integer from 0 to {MAX_OVERSAMPLE}, not {oversample!r}.")
     with ExitStack() as stack:
         a_ckpt = stack.enter_context(Checkpoint(aligned))
         d_ckpts = [stack.enter_context(Checkpoint(p)) for p in degraded]
@@ -138,6 +146,7 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
     In pieces of about PIECE elements (whole rows): each is read into one of two reused buffers,
     merged in place there (``merge_lowrank_`` on its rows of B) and written behind while the
     next piece is read and merged, so memory stays at two pieces whatever the tensor sizes."""
+    gene.check_coefficients(coeffs)
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
@@ -185,6 +194,7 @@ def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: s
                             overwrite=overwrite, progress=progress)
     if format != "peft":
         raise ValueError(f"unknown output format {format!r}; use 'merged' or 'peft'.")
+    gene.check_coefficients(coeffs)
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
     return gene.save(out, overwrite=overwrite, base_model=str(Path(model).resolve()), coeffs=coeffs,

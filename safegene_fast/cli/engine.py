@@ -10,13 +10,14 @@ from pathlib import Path
 from safegene_fast.cli.options import (
     UsageError,
     add_engine_options,
+    check_outputs,
     finite_float,
     load_coeffs,
     positive_int,
-    check_outputs,
     report,
     summary,
 )
+from safegene_fast.pipeline import MAX_OVERSAMPLE, MAX_POWER_ITERS
 
 
 def checkpoint_bytes(path, names=None) -> int:
@@ -112,8 +113,8 @@ def register(sub) -> None:
     size.add_argument("--energy", type=finite_float, metavar="E",
                       help="smallest rank keeping this fraction of each delta's squared Frobenius norm")
     p.add_argument("--max-rank", type=positive_int, help="cap on the rank chosen by --energy")
-    p.add_argument("--oversample", type=int, default=8, help="extra sketch columns (default 8)")
-    p.add_argument("--power-iters", type=int, default=2, help="power iterations (default 2)")
+    p.add_argument("--oversample", type=int, default=8, help=f"extra sketch columns, 0 to {MAX_OVERSAMPLE} (default 8)")
+    p.add_argument("--power-iters", type=int, default=2, help=f"power iterations, 0 to {MAX_POWER_ITERS} (default 2)")
     p.add_argument("--seed", type=int, default=0, help="sketch seed; same seed, same gene (default 0)")
     p.add_argument("--include", metavar="REGEX",
                    help=r"weights to factor (default: 2-D weights matching \.layers\.N\..*\.weight$)")

@@ -14,12 +14,13 @@ from safegene_fast.cli.options import (
     add_output_options,
     add_prompt_options,
     add_scorer_option,
+    check_outputs,
     finite_float,
+    positive_float,
     positive_int,
     print_result,
     read_examples,
     read_prompts,
-    check_outputs,
 )
 from safegene_fast.method.recalibrate import SEARCHES
 
@@ -197,9 +198,10 @@ def register(sub) -> None:
     p.add_argument("--refusal", help="the refusal text to make likely (default: the family's, or a generic one "
                    "with --harmful)")
     p.add_argument("--shots", type=positive_int, default=32, help="prompts of each kind (default 32)")
-    p.add_argument("--alpha-max", type=finite_float, default=2.0, help="upper bound of a coefficient (default 2)")
+    p.add_argument("--alpha-max", type=positive_float, default=2.0,
+                   help="upper bound of a coefficient, > 0 (default 2)")
     p.add_argument("--steps", type=positive_int, default=40, help="gradient steps (default 40)")
-    p.add_argument("--lr", type=finite_float, default=0.1, help="Adam learning rate (default 0.1)")
+    p.add_argument("--lr", type=positive_float, default=0.1, help="Adam learning rate (default 0.1)")
     p.add_argument("--per-module", action="store_true", help="one coefficient per module, not per layer")
     p.add_argument("--log", metavar="JSON", help="write the loss (or score) of every step")
     p.add_argument("--plot", metavar="PNG", help="write the safety-utility curve")

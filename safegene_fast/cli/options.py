@@ -50,6 +50,7 @@ def number_type(convert, valid, requirement: str):
 
 finite_float = number_type(float, math.isfinite, "must be finite")
 positive_int = number_type(int, lambda v: v > 0, "must be positive")
+positive_float = number_type(float, lambda v: math.isfinite(v) and v > 0, "must be a positive number")
 
 
 # ----------------------------------------------------------------------------- common options

@@ -24,7 +24,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-
 # What makes an existing folder one the tool may replace: it holds a checkpoint or an adapter.
 OUTPUT_MARKERS = ("model.safetensors", "model.safetensors.index.json", "adapter_config.json", "safegene.json")
 

@@ -14,6 +14,7 @@ generated answers with the refusal judge: first one global scale, then each laye
 
 from __future__ import annotations
 
+import math
 import sys
 from dataclasses import dataclass
 
@@ -171,6 +172,10 @@ def recalibrate(model, tokenizer, gene, shots: FewShot, *, layers: list[int] | N
     it (``alpha_max``, ``steps``, ``lr``, ``per_module``, ...)."""
     if mode not in SEARCHES:
         raise ValueError(f"unknown recalibration mode {mode!r}; modes: {', '.join(SEARCHES)}.")
+    alpha_max = options.get("alpha_max", 2.0)
+    if not (isinstance(alpha_max, (int, float)) and math.isfinite(alpha_max) and alpha_max > 0):
+        raise ValueError(f"the coefficients' upper bound must be a positive number, not {alpha_max!r}: a negative "
+                         f"coefficient subtracts the gene.")
     return SEARCHES[mode](model, tokenizer, gene, gene.selected_layers if layers is None else layers, shots, **options)
 
 

@@ -97,6 +97,10 @@ def choose(scores: dict[int, float], k: int | None = None, threshold: float | No
         raise ValueError("give exactly one of k (number of layers) and threshold.")
     ranked = sorted(scores, key=lambda layer: -scores[layer])
     picked = ranked[:k] if k is not None else [layer for layer in ranked if scores[layer] >= threshold]
+    if not picked:  # an empty selection would make every later step a silent no-op
+        best = max(scores.values(), default=float("nan"))
+        raise ValueError(f"no layer scores at least {threshold:g} (the best scores {best:.4g}); "
+                         f"nothing would be kept.")
     return sorted(picked)
 
 
