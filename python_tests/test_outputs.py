@@ -251,3 +251,39 @@ def test_what_a_killed_run_left_is_cleaned_or_restored(tmp_path):
             pass
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "prev"]
     assert (tmp_path / "prev" / "model.safetensors").read_bytes() == b"the earlier output"
+
+
+SHRINK = """
+import sys
+from pathlib import Path
+from safegene_fast.io import reader
+from safegene_fast.models.synthetic import write_family
+from safegene_fast.pipeline import resta
+root = Path(sys.argv[1])
+fam = write_family(root / "fam", "llama-tiny", max_shard_size=300_000)
+original, done = reader.Checkpoint.view, []
+
+def view(self, name, start=0, count=None):  # another process shrinks a mapped shard mid-run
+    info = self.tensors[name]
+    if not done and self.folder == fam["degraded"] and info.file in self._maps and info.nbytes:
+        with open(info.file, "r+b") as f:
+            f.truncate(info.offset)  # this tensor and the rest of its shard are gone
+        done.append(name)
+    return original(self, name, start, count)
+
+reader.Checkpoint.view = view
+try:
+    resta(fam["target"], fam["aligned"], fam["degraded"], 0.5, root / "out")
+except reader.CheckpointError as exc:
+    print(exc)
+    sys.exit(1)
+"""
+
+
+def test_a_shard_that_shrinks_mid_run_is_an_error_not_a_crash(tmp_path):
+    """resta reads its inputs through mappings; a shard truncated by another process while it
+    runs used to kill it with SIGBUS and leave its temporary behind."""
+    done = subprocess.run([sys.executable, "-c", SHRINK, str(tmp_path)], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, (done.returncode, done.stderr[-500:])
+    assert "is truncated on disk (the file changed while it was read)" in done.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["fam"]

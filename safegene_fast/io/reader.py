@@ -215,11 +215,13 @@ class Checkpoint:
         info, offset, nbytes = self._range(name, start, count)
         if not nbytes:
             return torch.empty(0 if count is not None or start else info.shape, dtype=info.dtype)
+        # Checked on every view, not only when mapping: touching a mapped page past the end of a
+        # file that another process shrank meanwhile kills the process with SIGBUS.
+        if os.fstat(self._fd(info.file)).st_size < offset + nbytes:
+            raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk (the file changed while "
+                                  f"it was read).")
         m = self._maps.get(info.file)
         if m is None:
-            size = os.fstat(self._fd(info.file)).st_size
-            if size < offset + nbytes:
-                raise CheckpointError(f"{info.file}: tensor {name!r} is truncated on disk.")
             m = self._maps[info.file] = mmap.mmap(self._fd(info.file), 0, access=mmap.ACCESS_COPY)
             m.madvise(mmap.MADV_SEQUENTIAL)  # read ahead far on faults when not in the page cache
         out = torch.frombuffer(m, dtype=info.dtype, count=nbytes // info.dtype.itemsize, offset=offset)
