@@ -64,3 +64,140 @@ def test_recalibrate_bound_must_be_positive(capsys, tmp_path, value):
     assert exc.value.code == 2 and "--alpha-max" in capsys.readouterr().err
     with pytest.raises(ValueError, match="upper bound must be a positive number"):
         sg.recalibrate(None, None, sg.SafetyGene({}), sg.FewShot([], "", []), alpha_max=float(value))
+
+
+# ----------------------------------------------------------------------------- checkpoints that lie
+
+import json  # noqa: E402
+import struct  # noqa: E402
+
+import torch  # noqa: E402
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+from safetensors import safe_open  # noqa: E402
+
+from safegene_fast.io import Checkpoint, CheckpointError  # noqa: E402
+
+JSONISH = st.recursive(st.none() | st.booleans() | st.integers(-3, 40) | st.floats(allow_nan=True) | st.text(max_size=4),
+                       lambda kids: st.lists(kids, max_size=3) | st.dictionaries(st.text(max_size=3), kids, max_size=3),
+                       max_leaves=6)
+ENTRY = st.fixed_dictionaries({}, optional={
+    "dtype": st.sampled_from(["F32", "BF16", "F16", "I64", "Q4", 7]) | JSONISH,
+    "shape": st.lists(st.integers(0, 4) | st.floats(0, 4) | st.text(max_size=2), max_size=3) | JSONISH,
+    "data_offsets": st.lists(st.integers(-2, 40) | st.floats(-1, 40) | st.sampled_from(["0", "8"]), max_size=3) | JSONISH,
+})
+
+
+def write_raw(path, header: dict, data_len: int) -> None:
+    raw = json.dumps(header).encode()  # NaN and Infinity are written as those bare words
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_len))
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(entries=st.dictionaries(st.text(min_size=1, max_size=3), ENTRY | JSONISH, min_size=1, max_size=3),
+       metadata=st.none() | JSONISH, data_len=st.integers(0, 40))
+def test_a_header_that_lies_is_refused_as_safetensors_refuses_it(tmp_path_factory, entries, metadata, data_len):
+    """Whatever the header says, the reader either refuses the file with a CheckpointError or
+    reads exactly what the safetensors library itself reads from it."""
+    path = tmp_path_factory.mktemp("h") / "model.safetensors"
+    header = dict(entries) if metadata is None else {"__metadata__": metadata, **entries}
+    write_raw(path, header, data_len)
+    try:
+        with Checkpoint(path) as ckpt:
+            ours = {n: ckpt.read(n) for n in ckpt.names}
+    except CheckpointError as exc:
+        assert str(exc).startswith(str(path)) and "\n" not in str(exc)
+        return
+    with safe_open(str(path), framework="pt") as f:  # accepted by us: safetensors must agree
+        theirs = {n: f.get_tensor(n) for n in f.keys()}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+@pytest.mark.parametrize("header, problem", [
+    ({"__metadata__": [1], "w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}, "__metadata__ is not an object"),
+    ({"w": {"dtype": "F32", "shape": [2.0], "data_offsets": [0, 8]}}, "malformed"),
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": ["0", "8"]}}, "malformed"),
+    ({"w": {"dtype": "F32", "shape": [True, 2], "data_offsets": [0, 8]}}, "malformed"),
+    ({"w": {"dtype": "F32", "shape": [float("inf")], "data_offsets": [0, 8]}}, "not JSON"),
+])
+def test_coerced_header_values_are_refused(tmp_path, header, problem):
+    path = tmp_path / "model.safetensors"
+    write_raw(path, header, 8)
+    with pytest.raises(CheckpointError, match=problem):
+        Checkpoint(path)
+
+
+def test_deeply_nested_json_is_an_error(tmp_path):
+    path = tmp_path / "model.safetensors"
+    raw = b"[" * 100_000 + b"]" * 100_000
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw)
+    with pytest.raises(CheckpointError, match="nested too deeply"):
+        Checkpoint(path)
+
+
+def sharded(folder, weight_map, shards):
+    folder.mkdir()
+    for name, tensors in shards.items():
+        from safetensors.torch import save_file
+        save_file(tensors, str(folder / name))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return folder
+
+
+def test_index_problems(tmp_path):
+    a, b = {"a": torch.zeros(2)}, {"b": torch.ones(2)}
+    cases = [
+        ("empty", {}, {"s1.safetensors": a}, "weight_map lists no tensors"),
+        ("nonstring", {"a": 1}, {"s1.safetensors": a}, "shard name 1 is not a string"),
+        ("twice", {"a": "s1.safetensors"}, {"s1.safetensors": a, "s2.safetensors": a}, "is also in"),
+    ]
+    for name, weight_map, shards, problem in cases:
+        if name == "twice":  # both shards named in the index, both holding 'a'
+            weight_map = {"a": "s1.safetensors", "b": "s2.safetensors"}
+            shards = {"s1.safetensors": a, "s2.safetensors": {**a, **b}}
+        with pytest.raises(CheckpointError, match=problem):
+            Checkpoint(sharded(tmp_path / name, weight_map, shards))
+    outside = tmp_path / "outside.safetensors"
+    from safetensors.torch import save_file
+    save_file(b, str(outside))
+    folder = sharded(tmp_path / "linked", {"a": "s1.safetensors", "b": "s2.safetensors"}, {"s1.safetensors": a})
+    (folder / "s2.safetensors").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="links to .*outside the checkpoint folder"):
+        Checkpoint(folder)
+    single = tmp_path / "single"
+    single.mkdir()
+    (single / "model.safetensors").symlink_to(outside)
+    with pytest.raises(CheckpointError, match="outside the checkpoint folder"):
+        Checkpoint(single)
+
+
+NEAR_MISSES = st.sampled_from([2.0, "2", True, -1, 10**30, float("nan"), float("inf"), None, [2], 0, 1])
+
+
+@settings(max_examples=200, deadline=None)
+@given(field=st.sampled_from(["dtype", "shape0", "shape1", "begin", "end", "metadata"]), value=NEAR_MISSES,
+       tail=st.integers(0, 8))
+def test_a_near_miss_header_is_judged_like_safetensors_judges_it(tmp_path_factory, field, value, tail):
+    """A valid two-tensor header with one value changed to a near miss (a float, a string, a
+    boolean, out of range, NaN): accepted only when safetensors accepts it, with the same data."""
+    entries = {"a": {"dtype": "F32", "shape": [2, 1], "data_offsets": [0, 8]},
+               "b": {"dtype": "F32", "shape": [1, 2], "data_offsets": [8, 16]}}
+    header = {"__metadata__": {"format": "pt"}, **entries}
+    if field == "dtype":
+        entries["b"]["dtype"] = value
+    elif field.startswith("shape"):
+        entries["b"]["shape"][int(field[-1])] = value
+    elif field in ("begin", "end"):
+        entries["b"]["data_offsets"][field == "end"] = value
+    else:
+        header["__metadata__"] = {"format": value}
+    path = tmp_path_factory.mktemp("n") / "model.safetensors"
+    write_raw(path, header, 16 + tail)
+    try:
+        with Checkpoint(path) as ckpt:
+            ours = {n: ckpt.read(n) for n in ckpt.names}
+    except CheckpointError:
+        return
+    with safe_open(str(path), framework="pt") as f:
+        theirs = {n: f.get_tensor(n) for n in f.keys()}
+    assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)

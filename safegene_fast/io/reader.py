@@ -49,6 +49,24 @@ class TensorInfo:
     nbytes: int
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a number a header may hold")
+
+
+def load_json(raw: bytes | str, path: Path, problem: str):
+    """JSON as safetensors reads it: no NaN or Infinity, no nesting deep enough to overflow the
+    parser; anything else is a CheckpointError naming ``path``, ``problem`` with its reason."""
+    try:
+        return json.loads(raw, parse_constant=_reject_constant)
+    except (UnicodeDecodeError, ValueError, RecursionError) as exc:  # JSONDecodeError is a ValueError
+        reason = "nested too deeply" if isinstance(exc, RecursionError) else "not JSON"
+        raise CheckpointError(f"{path}: {problem.format(reason=reason)}.") from None
+
+
+def _ints(values) -> bool:
+    return isinstance(values, list) and all(type(v) is int for v in values)
+
+
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
     """Parses and validates one safetensors file's header: its tensors and its metadata."""
     try:
@@ -65,24 +83,23 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
             raw = f.read(header_len)
     except OSError as exc:
         raise CheckpointError(f"{path}: cannot be read ({exc.strerror}).") from None
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise CheckpointError(f"{path}: not a safetensors file (its header is not JSON).") from None
+    header = load_json(raw, path, "not a safetensors file (its header is {reason})")
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: not a safetensors file (its header is not a JSON object).")
     metadata = header.pop("__metadata__", None) or {}
+    if not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{path}: its __metadata__ is not an object of strings.")
     data_start, data_len = 8 + header_len, size - 8 - header_len
     tensors, spans = {}, []
     for name, entry in header.items():
-        try:
-            dtype = DTYPES[entry["dtype"]]
-            shape = tuple(int(x) for x in entry["shape"])
-            begin, end = (int(x) for x in entry["data_offsets"])
-        except (KeyError, TypeError, ValueError):
+        # as strict as safetensors itself: whole numbers only, no floats, strings or booleans
+        dtype = DTYPES.get(entry.get("dtype")) if isinstance(entry, dict) and isinstance(entry.get("dtype"), str) else None
+        shape, offsets = (entry.get("shape"), entry.get("data_offsets")) if isinstance(entry, dict) else (None, None)
+        if dtype is None or not _ints(shape) or not _ints(offsets) or len(offsets) != 2:
             raise CheckpointError(
                 f"{path}: tensor {name!r} has a malformed or unsupported header entry "
-                f"{json.dumps(entry)[:120]}.") from None
+                f"{json.dumps(entry)[:120]}.")
+        shape, (begin, end) = tuple(shape), offsets
         numel = 1
         for dim in shape:
             if dim < 0:
@@ -124,6 +141,9 @@ class Checkpoint:
         self.metadata: dict[str, str] = {}
         for shard in self._shard_files():
             tensors, metadata = read_header(shard)
+            twice = next((n for n in tensors if n in self.tensors), None)
+            if twice is not None:
+                raise CheckpointError(f"{shard}: tensor {twice!r} is also in {self.tensors[twice].file.name}.")
             self.metadata.update(metadata)
             self.tensors.update(tensors)
         if self._index is not None:
@@ -138,23 +158,37 @@ class Checkpoint:
         index_path = self.folder / INDEX_NAME
         if index_path.is_file():
             try:
-                self._index = json.loads(index_path.read_text())["weight_map"]
-                if not isinstance(self._index, dict):
-                    raise TypeError
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-                raise CheckpointError(f"{index_path}: not a valid index (no weight_map object).") from None
+                raw = index_path.read_bytes()
+            except OSError as exc:
+                raise CheckpointError(f"{index_path}: cannot be read ({exc.strerror}).") from None
+            index = load_json(raw, index_path, "not a valid index (it is {reason})")
+            self._index = index.get("weight_map") if isinstance(index, dict) else None
+            if not isinstance(self._index, dict):
+                raise CheckpointError(f"{index_path}: not a valid index (no weight_map object).")
+            if not self._index:
+                raise CheckpointError(f"{index_path}: its weight_map lists no tensors.")
+            bad = next((v for v in self._index.values() if not isinstance(v, str)), None)
+            if bad is not None:
+                raise CheckpointError(f"{index_path}: shard name {json.dumps(bad)[:60]} is not a string.")
             shards = []
             for name in sorted(set(self._index.values())):
                 shard = Path(name)
                 if shard.is_absolute() or len(shard.parts) != 1 or name in ("..", "."):
                     raise CheckpointError(f"{index_path}: shard {name!r} lies outside the checkpoint folder.")
-                if not (self.folder / shard).is_file():
-                    raise CheckpointError(f"{index_path}: shard {name!r} is missing.")
-                shards.append(self.folder / shard)
+                shards.append(self._inside(self.folder / shard, index_path))
             return shards
         if (self.folder / SINGLE_NAME).is_file():
-            return [self.folder / SINGLE_NAME]
+            return [self._inside(self.folder / SINGLE_NAME, self.folder)]
         raise CheckpointError(f"{self.folder}: no {SINGLE_NAME} or {INDEX_NAME} in this folder.")
+
+    def _inside(self, shard: Path, where: Path) -> Path:
+        """A shard file of this checkpoint: present, and inside its folder once links are followed."""
+        if not shard.is_file():
+            raise CheckpointError(f"{where}: shard {shard.name!r} is missing.")
+        if not shard.resolve().is_relative_to(self.folder.resolve()):
+            raise CheckpointError(f"{where}: shard {shard.name!r} links to {shard.resolve()}, outside the "
+                                  f"checkpoint folder.")
+        return shard
 
     def _check_index(self) -> None:
         index_path = self.folder / INDEX_NAME
