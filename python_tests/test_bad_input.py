@@ -46,8 +46,8 @@ def test_sketch_settings_out_of_range(family, capsys, tmp_path, flag, value):  #
 
 def test_one_degraded_path_as_a_string(family):  # noqa: F811
     """``extract(A, "degraded/")`` means that one checkpoint, not the characters of its name."""
-    gene = sg.extract(family["aligned"], str(family["degraded"]), rank=2)
-    assert gene.provenance and len(gene.modules) > 0
+    extracted = sg.extract(family["aligned"], str(family["degraded"]), rank=2)
+    assert extracted.provenance["degraded"] == [str(family["degraded"])] and extracted.modules
 
 
 def test_a_threshold_that_keeps_no_layer():
