@@ -201,3 +201,66 @@ def test_a_near_miss_header_is_judged_like_safetensors_judges_it(tmp_path_factor
     with safe_open(str(path), framework="pt") as f:
         theirs = {n: f.get_tensor(n) for n in f.keys()}
     assert ours.keys() == theirs.keys() and all(torch.equal(ours[n], theirs[n]) for n in ours)
+
+
+# ----------------------------------------------------------------------------- options and gene files
+
+def test_cuda_without_cuda_is_one_sentence(family, gene, capsys, tmp_path):  # noqa: F811
+    import torch as _torch
+
+    from safegene_fast import ops
+    if ops.build_info()["cuda_built"] and _torch.cuda.is_available():
+        pytest.skip("this machine can run CUDA")
+    line = error_of(capsys, ["apply", "--model", str(family["target"]), "--gene", str(gene), "--out",
+                             str(tmp_path / "o"), "--device", "cuda", "--quiet"])
+    assert "built with CPU kernels only" in line or "sees no CUDA device" in line
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_bad_module_pattern(family, capsys, tmp_path):  # noqa: F811
+    line = error_of(capsys, ["extract", "--aligned", str(family["aligned"]), "--degraded", str(family["degraded"]),
+                             "--out", str(tmp_path / "g"), "--include", "(", "--quiet"])
+    assert "'(' is not a valid regular expression" in line
+
+
+@pytest.mark.parametrize("size", ["9" * 400, "1e3GB", "0", "-5MB"])
+def test_absurd_shard_sizes_are_usage_errors(family, gene, capsys, tmp_path, size):  # noqa: F811
+    with pytest.raises(SystemExit) as exc:
+        main(["apply", "--model", str(family["target"]), "--gene", str(gene), "--out", str(tmp_path / "o"),
+              f"--max-shard-size={size}"])
+    assert exc.value.code == 2 and "--max-shard-size" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("damage, problem", [
+    (lambda g: (g / "safegene.json").write_text("{not json"), "not a safety gene folder"),
+    (lambda g: (g / "safegene.json").write_text('{"modules": 3}'), "lists no modules"),
+    (lambda g: (g / "safegene.json").write_text("[" * 100_000), "not a safety gene folder"),
+    (lambda g: (g / "adapter_model.safetensors").write_bytes(b"garbage!" * 4), "not a safety gene folder"),
+    (lambda g: (g / "adapter_model.safetensors").unlink(), "not a safety gene folder"),
+    (lambda g: g.joinpath("safegene.json").write_text(json.dumps(
+        {**json.loads(g.joinpath("safegene.json").read_text()),
+         "modules": {m: {**i, "layer": "x"} for m, i in json.loads(g.joinpath("safegene.json").read_text())["modules"].items()}})),
+     "malformed entry for module"),
+])
+def test_a_broken_gene_is_one_sentence(family, gene, capsys, tmp_path, damage, problem):  # noqa: F811
+    import shutil
+    broken = tmp_path / "gene"
+    shutil.copytree(gene, broken)
+    damage(broken)
+    line = error_of(capsys, ["apply", "--model", str(family["target"]), "--gene", str(broken), "--out",
+                             str(tmp_path / "o"), "--quiet"])
+    assert problem in line and not (tmp_path / "o").exists()
+
+
+def test_gene_factors_with_nan_are_refused(family, gene, tmp_path):  # noqa: F811
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    broken = tmp_path / "gene"
+    shutil.copytree(gene, broken)
+    tensors = load_file(str(broken / "adapter_model.safetensors"))
+    first = sorted(tensors)[0]
+    tensors[first][0, 0] = float("nan")
+    save_file(tensors, str(broken / "adapter_model.safetensors"))
+    with pytest.raises(CheckpointError, match="hold NaN or Inf values"):
+        sg.SafetyGene.load(broken)

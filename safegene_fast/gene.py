@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from safegene_fast.io import CheckpointError, atomic_folder, write_json
@@ -134,18 +135,30 @@ class SafetyGene:
         try:
             meta = json.loads((folder / "safegene.json").read_text())
             tensors = load_file(str(folder / "adapter_model.safetensors"))
-        except (OSError, json.JSONDecodeError) as exc:
-            raise CheckpointError(f"{folder}: not a safety gene folder ({exc}).") from None
+        except (OSError, UnicodeDecodeError, ValueError, RecursionError, SafetensorError) as exc:
+            reason = getattr(exc, "strerror", None) or str(exc).splitlines()[0]
+            raise CheckpointError(f"{folder}: not a safety gene folder ({reason}).") from None
+        if not (isinstance(meta, dict) and isinstance(meta.get("modules"), dict) and meta["modules"]):
+            raise CheckpointError(f"{folder}: its safegene.json lists no modules.")
         if meta.get("coefficients_folded", 1.0) != 1.0 and not allow_folded:
             raise CheckpointError(f"{folder}: is an adapter with coefficients folded in (written by apply as a "
                                   f"PEFT adapter), not a gene; use the folder extract wrote.")
         modules = {}
         for name, info in meta["modules"].items():
+            A = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight")
+            B = tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
+            if A is None or B is None:
+                raise CheckpointError(f"{folder}: adapter has no factors for module {name!r}.")
             try:
-                A = tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"]
-                B = tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"]
-            except KeyError:
-                raise CheckpointError(f"{folder}: adapter has no factors for module {name!r}.") from None
-            modules[name] = GeneModule(B, A, torch.tensor(info["singular_values"]), info["energy"],
-                                       info["layer"])
+                S, energy, layer = torch.tensor(info["singular_values"]), info["energy"], info["layer"]
+                if not (isinstance(energy, (int, float)) and (layer is None or type(layer) is int)):
+                    raise TypeError
+            except (KeyError, TypeError, ValueError, RuntimeError):
+                raise CheckpointError(f"{folder}: safegene.json has a malformed entry for module {name!r}.") from None
+            if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
+                raise CheckpointError(f"{folder}: the factors of module {name!r} have shapes {list(B.shape)} and "
+                                      f"{list(A.shape)}, which do not multiply.")
+            if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+                raise CheckpointError(f"{folder}: the factors of module {name!r} hold NaN or Inf values.")
+            modules[name] = GeneModule(B, A, S, energy, layer)
         return cls(modules, meta.get("provenance", {}), meta.get("selection"), folder)

@@ -43,6 +43,25 @@ def _require_built_device(*tensors: torch.Tensor) -> None:
         )
 
 
+def require_device(device: str | torch.device) -> torch.device:
+    """The device a pass was asked to run on, if this build and machine can: a sentence
+    saying what is missing otherwise (before any byte moves, not deep inside a kernel call)."""
+    try:
+        device = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(f"{device!r} is not a device; use cpu or cuda.") from None
+    if device.type == "cuda":
+        if not _C.build_info()["cuda_built"]:
+            raise RuntimeError(
+                "safegene_fast was built with CPU kernels only, so it cannot run on CUDA; rebuild it "
+                "with a CUDA build of torch and nvcc: SAFEGENE_CUDA=1 pip install --no-build-isolation -e .")
+        if not torch.cuda.is_available():
+            raise RuntimeError("CUDA was asked for, but torch sees no CUDA device on this machine.")
+    elif device.type != "cpu":
+        raise ValueError(f"{device} is not supported; use cpu or cuda.")
+    return device
+
+
 def delta(a: torch.Tensor, b: Tensors) -> torch.Tensor:
     """``a - mean(b)`` in float32.
 

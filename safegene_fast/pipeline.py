@@ -34,9 +34,16 @@ MAX_OVERSAMPLE = 512
 PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
 
 
+def _pattern(text: str) -> re.Pattern:
+    try:
+        return re.compile(text)
+    except re.error as exc:
+        raise ValueError(f"{text!r} is not a valid regular expression ({exc.msg} at position {exc.pos}).") from None
+
+
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
     """Weight names whose module gets a gene factor."""
-    inc, exc = re.compile(include or DEFAULT_INCLUDE), re.compile(exclude) if exclude else None
+    inc, exc = _pattern(include or DEFAULT_INCLUDE), _pattern(exclude) if exclude else None
     return [n for n, info in ckpt.tensors.items()
             if len(info.shape) == 2 and info.dtype.is_floating_point
             and inc.search(n) and not (exc and exc.search(n))]
@@ -92,6 +99,7 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
             device: str = "cpu", factor_dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False,
             progress: bool = False) -> SafetyGene:
     """The safety gene of ``aligned - mean(degraded)``: LoRA factors per selected module."""
+    ops.require_device(device)
     if isinstance(degraded, (str, os.PathLike)):  # one path, not a list of its characters
         degraded = [degraded]
     if not degraded:
@@ -146,6 +154,7 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
     In pieces of about PIECE elements (whole rows): each is read into one of two reused buffers,
     merged in place there (``merge_lowrank_`` on its rows of B) and written behind while the
     next piece is read and merged, so memory stays at two pieces whatever the tensor sizes."""
+    ops.require_device(device)
     gene.check_coefficients(coeffs)
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
@@ -230,6 +239,7 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
     released once merged, so memory stays at a few pieces whatever the tensor sizes. The next
     tensor is requested from the kernel (``prefetch``) in the background.
     """
+    ops.require_device(device)
     with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt, \
             ThreadPoolExecutor(max_workers=1) as prefetcher:
         ckpts = (t_ckpt, a_ckpt, d_ckpt)

@@ -8,10 +8,14 @@ import json
 import math
 import re
 import resource
+from fractions import Fraction
 from pathlib import Path
 
 from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
 from safegene_fast.method.selection import SCORERS
+
+
+MAX_SIZE = 2**60  # bytes
 
 
 class UsageError(ValueError):
@@ -25,12 +29,14 @@ def parse_size(text: str) -> int:
     match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?I?B?)\s*", text.upper())
     if not match:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (use e.g. 5GB, 500MB or a byte count)")
-    number, unit = float(match[1]), match[2].rstrip("B") or ""
+    unit = match[2].rstrip("B") or ""
     scale = {"": 1, "K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12,
              "KI": 2**10, "MI": 2**20, "GI": 2**30, "TI": 2**40}[unit]
-    size = int(number * scale)
+    size = int(Fraction(match[1]) * scale)  # exact: no float overflow for a long number
     if size <= 0:
         raise argparse.ArgumentTypeError(f"size must be positive: {text!r}")
+    if size > MAX_SIZE:
+        raise argparse.ArgumentTypeError(f"size is larger than any disk: {text[:40]!r}")
     return size
 
 
