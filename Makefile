@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.safegene-built
 NATIVE_INPUTS := requirements.txt requirements-data.txt setup.py pyproject.toml CMakeLists.txt $(shell find csrc -type f)
 
-.PHONY: demo study test bench table doctor clean
+.PHONY: demo study test fuzz bench table doctor clean
 
 ## demo: the main job: SafeGene vs the baselines on the embedded model family (built on first use)
 demo: $(STAMP)
@@ -24,6 +24,10 @@ table: $(STAMP)
 ## test: the whole test suite (CPU; CUDA tests skip without a GPU)
 test: $(STAMP)
 	$(PY) -m pytest python_tests -q
+
+## fuzz: the reader's fuzz tests with 20000 examples each instead of CI's 300 (about 10 min)
+fuzz: $(STAMP)
+	SAFEGENE_FUZZ_EXAMPLES=20000 $(PY) -m pytest python_tests/test_bad_input.py -q -k "lies or near_miss"
 
 ## bench: pytest-benchmark for every op
 bench: $(STAMP)

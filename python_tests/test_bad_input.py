@@ -69,6 +69,7 @@ def test_recalibrate_bound_must_be_positive(capsys, tmp_path, value):
 # ----------------------------------------------------------------------------- checkpoints that lie
 
 import json  # noqa: E402
+import os  # noqa: E402
 import struct  # noqa: E402
 
 import torch  # noqa: E402
@@ -93,7 +94,10 @@ def write_raw(path, header: dict, data_len: int) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + bytes(data_len))
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+FUZZ = int(os.environ.get("SAFEGENE_FUZZ_EXAMPLES", "300"))  # make fuzz runs many more
+
+
+@settings(max_examples=FUZZ, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(entries=st.dictionaries(st.text(min_size=1, max_size=3), ENTRY | JSONISH, min_size=1, max_size=3),
        metadata=st.none() | JSONISH, data_len=st.integers(0, 40))
 def test_a_header_that_lies_is_refused_as_safetensors_refuses_it(tmp_path_factory, entries, metadata, data_len):
@@ -174,7 +178,7 @@ def test_index_problems(tmp_path):
 NEAR_MISSES = st.sampled_from([2.0, "2", True, -1, 10**30, float("nan"), float("inf"), None, [2], 0, 1])
 
 
-@settings(max_examples=200, deadline=None)
+@settings(max_examples=FUZZ, deadline=None)
 @given(field=st.sampled_from(["dtype", "shape0", "shape1", "begin", "end", "metadata"]), value=NEAR_MISSES,
        tail=st.integers(0, 8))
 def test_a_near_miss_header_is_judged_like_safetensors_judges_it(tmp_path_factory, field, value, tail):

@@ -287,3 +287,31 @@ def test_a_shard_that_shrinks_mid_run_is_an_error_not_a_crash(tmp_path):
     assert done.returncode == 1, (done.returncode, done.stderr[-500:])
     assert "is truncated on disk (the file changed while it was read)" in done.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["fam"]
+
+
+def test_a_second_writer_of_the_same_output_is_refused(family, gene, capsys, tmp_path):  # noqa: F811
+    from safegene_fast.io import output_lock
+    out = tmp_path / "out"
+    apply = ["apply", "--model", str(family["target"]), "--gene", str(gene), "--out", str(out), "--quiet"]
+    with output_lock(out):  # another run holds it
+        assert "another run is writing it now" in error_of(capsys, apply)
+    with output_lock(gene):  # a select updating this gene in place
+        assert "another run is writing it now" in error_of(capsys, [
+            "select", "--gene", str(gene), "--aligned", str(family["aligned"]), "--degraded", str(family["degraded"]),
+            "--layers", "1", "--quiet"])
+    assert main(apply) == 0 and not any(p.name.endswith(".lock") for p in tmp_path.iterdir())
+
+
+def test_a_failing_plot_leaves_no_coefficients(tiny_family, capsys, tmp_path, monkeypatch):
+    from safegene_fast.method import recalibrate
+
+    def full_disk(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(recalibrate, "plot_tradeoff", full_disk)
+    gene_dir = tmp_path / "gene"
+    assert main(["extract", "--aligned", str(tiny_family.member("aligned")), "--degraded",
+                 str(tiny_family.member("dealigned")), "--out", str(gene_dir), "--rank", "2", "--quiet"]) == 0
+    line = error_of(capsys, ["recalibrate", "--model", str(tiny_family.member("target")), "--gene", str(gene_dir),
+                             "--family", "tiny", "--shots", "2", "--steps", "1", "--quiet", "--out",
+                             str(tmp_path / "c.json"), "--plot", str(tmp_path / "p.png")])
+    assert "No space left on device" in line and not (tmp_path / "c.json").exists()

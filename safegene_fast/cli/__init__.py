@@ -11,6 +11,7 @@ turns them off and ``--verbose`` adds debug messages.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import logging
 import os
@@ -126,8 +127,10 @@ def main(argv: list[str] | None = None) -> int:
         from transformers.utils import logging as hf_logging
         hf_logging.disable_progress_bar()
     previous = stop_on_signals()
+    args.locks = contextlib.ExitStack()  # the outputs' locks, held until the command ends
     try:
-        return args.func(args)
+        with args.locks:
+            return args.func(args)
     except KeyboardInterrupt as exc:
         signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
         print(f"safegene: stopped by {signal.Signals(signum).name}; partial outputs were removed.", file=sys.stderr)

@@ -64,6 +64,7 @@ def judge_check_report(args: argparse.Namespace) -> int:
 def cmd_select(args: argparse.Namespace) -> int:
     from safegene_fast.eval.generate import COMPLIANCE, chat, load_model
     from safegene_fast.gene import SafetyGene
+    from safegene_fast.io import output_lock
     from safegene_fast.method.selection import plot_scores, select_layers
     from safegene_fast.models import toy
     gene = SafetyGene.load(args.gene)
@@ -72,7 +73,8 @@ def cmd_select(args: argparse.Namespace) -> int:
     models = [args.aligned, *args.degraded]
     if args.out:  # a new gene beside the one read
         check_outputs(args, [args.gene, *models], folders=[args.out], files=[args.plot])
-    else:         # the gene is updated in place
+    else:         # the gene is updated in place: one run at a time
+        args.locks.enter_context(output_lock(args.gene))
         check_outputs(args, [args.gene, *models], files=[args.plot])
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
@@ -89,10 +91,10 @@ def cmd_select(args: argparse.Namespace) -> int:
                                    compliance=compliance, scorer=args.scorer, k=args.layers,
                                    threshold=args.threshold)
     out = args.out or args.gene
+    if args.plot:  # before the gene: a failing plot leaves no new output behind
+        plot_scores(gene.selection, args.plot)
     gene.save(out, overwrite=True if out == args.gene else args.overwrite,
               base_model=gene.provenance.get("aligned", ""))
-    if args.plot:
-        plot_scores(gene.selection, args.plot)
     result = {"gene": str(out), **gene.selection, "seconds": round(time.perf_counter() - start, 2)}
     scores = gene.selection["scores"][args.scorer]
     print_result(args, result, "layer  " + "  ".join(f"{k:>7}" for k in scores) + "\n"
@@ -123,11 +125,12 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     cal = rc.recalibrate(model, tokenizer, gene, shots, layers=layers, mode=args.mode, alpha_max=args.alpha_max,
                          per_module=args.per_module, progress=not args.quiet, **options)
     seconds = time.perf_counter() - start
-    write_json(args.out, cal.coefficients, overwrite=args.overwrite)
-    if args.log:
-        write_json(args.log, {"mode": cal.mode, "log": cal.log}, overwrite=args.overwrite)
+    # the coefficients last: a failing plot or log leaves no coefficients file that looks finished
     if args.plot:
         rc.plot_tradeoff(rc.tradeoff_curve(model, tokenizer, gene, cal.coefficients, shots), args.plot)
+    if args.log:
+        write_json(args.log, {"mode": cal.mode, "log": cal.log}, overwrite=args.overwrite)
+    write_json(args.out, cal.coefficients, overwrite=args.overwrite)
     result = {"coefficients": cal.coefficients, "mode": cal.mode, "layers": layers, "shots": len(shots.harmful),
               "seconds": round(seconds, 2), "out": args.out}
     print_result(args, result, f"recalibrated {len(cal.coefficients)} coefficients ({cal.mode}, "

@@ -14,7 +14,6 @@ from pathlib import Path
 from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
 from safegene_fast.method.selection import SCORERS
 
-
 MAX_SIZE = 2**60  # bytes
 
 
@@ -153,15 +152,17 @@ def read_examples(path: str):
 
 def check_outputs(args: argparse.Namespace, inputs=(), *, folders=(), files=()) -> None:
     """Before a long run, not after it: every output path is safe to write (``io.check_output``:
-    none is or touches an input, an existing one needs --overwrite and must be of its kind) and no
-    two are the same."""
-    from safegene_fast.io import check_distinct, check_output
+    none is or touches an input, an existing one needs --overwrite and must be of its kind), no
+    two are the same, and each is locked against another run until this one ends."""
+    from safegene_fast.io import check_distinct, check_output, output_lock
     check_distinct(*folders, *files)
     for path in folders:
         if path is not None:
+            args.locks.enter_context(output_lock(path))
             check_output(path, inputs, overwrite=args.overwrite)
     for path in files:
         if path is not None:
+            args.locks.enter_context(output_lock(path))
             check_output(path, inputs, overwrite=args.overwrite, folder=False)
 
 

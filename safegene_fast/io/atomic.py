@@ -17,6 +17,7 @@ with a checkpoint or an adapter; a file, not a folder).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import shutil
@@ -30,6 +31,10 @@ OUTPUT_MARKERS = ("model.safetensors", "model.safetensors.index.json", "adapter_
 
 class UnsafeOutputError(ValueError):
     """An output path that would destroy an input or something the tool did not write."""
+
+
+class OutputBusyError(RuntimeError):
+    """Another run holds the output's lock."""
 
 
 class OutputExistsError(FileExistsError):
@@ -85,6 +90,27 @@ def check_distinct(*paths) -> None:
         if key in seen:
             raise UnsafeOutputError(f"{p}: is also the run's output {seen[key]}; give each output its own path.")
         seen[key] = p
+
+
+@contextmanager
+def output_lock(target: str | os.PathLike) -> Iterator[None]:
+    """Holds an exclusive lock on ``target`` (``fcntl.flock`` on a hidden ``.<name>.lock`` beside
+    it) for the block: a second run writing the same output is refused, not silently raced."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    lock = target.parent / f".{target.name}.lock"
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(f"{target}: another run is writing it now.") from None
+        try:
+            yield
+        finally:
+            lock.unlink(missing_ok=True)
+    finally:
+        os.close(fd)
 
 
 def temp_sibling(target: str | os.PathLike, kind: str = "tmp") -> Path:
