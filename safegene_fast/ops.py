@@ -33,14 +33,14 @@ def _as_list(b: Tensors) -> list[torch.Tensor]:
     return [b] if isinstance(b, torch.Tensor) else list(b)
 
 
+CPU_ONLY = ("safegene_fast was built with CPU kernels only, so it cannot run on CUDA tensors; rebuild it "
+            "with a CUDA build of torch and nvcc: SAFEGENE_CUDA=1 pip install --no-build-isolation -e .")
+
+
 def _require_built_device(*tensors: torch.Tensor) -> None:
     """Say what was built, and how to rebuild, when a CUDA tensor meets a CPU-only build."""
     if any(t.is_cuda for t in tensors) and not _C.build_info()["cuda_built"]:
-        raise RuntimeError(
-            "safegene_fast was built with CPU kernels only, so it cannot run on CUDA tensors; "
-            "rebuild it with a CUDA build of torch and nvcc: "
-            "SAFEGENE_CUDA=1 pip install --no-build-isolation -e ."
-        )
+        raise RuntimeError(CPU_ONLY)
 
 
 def require_device(device: str | torch.device) -> torch.device:
@@ -52,9 +52,7 @@ def require_device(device: str | torch.device) -> torch.device:
         raise ValueError(f"{device!r} is not a device; use cpu or cuda.") from None
     if device.type == "cuda":
         if not _C.build_info()["cuda_built"]:
-            raise RuntimeError(
-                "safegene_fast was built with CPU kernels only, so it cannot run on CUDA; rebuild it "
-                "with a CUDA build of torch and nvcc: SAFEGENE_CUDA=1 pip install --no-build-isolation -e .")
+            raise RuntimeError(CPU_ONLY)
         if not torch.cuda.is_available():
             raise RuntimeError("CUDA was asked for, but torch sees no CUDA device on this machine.")
     elif device.type != "cpu":

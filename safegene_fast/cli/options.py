@@ -156,14 +156,10 @@ def check_outputs(args: argparse.Namespace, inputs=(), *, folders=(), files=()) 
     two are the same, and each is locked against another run until this one ends."""
     from safegene_fast.io import check_distinct, check_output, output_lock
     check_distinct(*folders, *files)
-    for path in folders:
+    for path, folder in [*((p, True) for p in folders), *((p, False) for p in files)]:
         if path is not None:
             args.locks.enter_context(output_lock(path))
-            check_output(path, inputs, overwrite=args.overwrite)
-    for path in files:
-        if path is not None:
-            args.locks.enter_context(output_lock(path))
-            check_output(path, inputs, overwrite=args.overwrite, folder=False)
+            check_output(path, inputs, overwrite=args.overwrite, folder=folder)
 
 
 # ----------------------------------------------------------------------------- results

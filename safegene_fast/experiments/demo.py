@@ -117,9 +117,7 @@ def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene
         sweep.append(row)
         logger.info("resta b=%g: harmful %.3f, accuracy %.3f", b, harmful_rate(row), accuracy(row))
     result["resta_sweep"] = sweep
-    best = best_resta([{**r, "harmful_rate": harmful_rate(r), "task_accuracy": accuracy(r)} for r in sweep],
-                      accuracy(result["target"]), ACCURACY_TOLERANCE)
-    best = next(r for r in sweep if r["b"] == best["b"])
+    best = best_resta(sweep, accuracy(result["target"]), ACCURACY_TOLERANCE, harmful=harmful_rate, accuracy=accuracy)
     result["methods"].append({"name": "resta", **{k_: v for k_, v in best.items() if k_ != "b"},
                               "coefficients": {"b": best["b"]}, "counterpart": DEFAULT_COUNTERPART})
 

@@ -193,8 +193,8 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
         path = resta(target, aligned, fam.member("dealigned"), b, models / f"resta-b{b:g}")
         sweep.append(method(f"resta b={b:g}", path, {"merge": time.perf_counter() - t0}, b=b, counterpart="dealigned"))
     target_acc = result["members"]["target"]["task"]["accuracy"]
-    best = best_resta([{**r, "harmful_rate": _mean_harmful(r), "task_accuracy": r["task"]["accuracy"]} for r in sweep],
-                      target_acc, ACCURACY_TOLERANCE)
+    best = best_resta(sweep, target_acc, ACCURACY_TOLERANCE, harmful=_mean_harmful,
+                      accuracy=lambda r: r["task"]["accuracy"])
     result["resta_best_b"] = best["b"]
 
     t_model, tokenizer = load_model(target)

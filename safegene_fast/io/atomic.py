@@ -201,17 +201,25 @@ def save_figure(fig, target: str | os.PathLike, **kw) -> Path:
     return Path(target)
 
 
+def prepare_folder(target: str | os.PathLike, inputs=(), *, overwrite: bool = False,
+                   markers=OUTPUT_MARKERS) -> tuple[Path, Path]:
+    """(target, its fresh temporary folder): what a killed run left beside it cleared, the
+    output checked (``check_output``), then the empty temporary made."""
+    sweep_stale(target)
+    target = check_output(target, inputs, overwrite=overwrite, markers=markers)
+    tmp = temp_sibling(target)
+    remove(tmp)
+    tmp.mkdir(parents=True)
+    return target, tmp
+
+
 @contextmanager
 def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False, inputs=(),
                   markers=OUTPUT_MARKERS) -> Iterator[Path]:
     """A fresh temporary folder to fill; on a clean exit it is fsynced and renamed to ``target``
     (an existing ``target`` is replaced only with ``overwrite``; see ``check_output``), on any
     error removed."""
-    sweep_stale(target)
-    target = check_output(target, inputs, overwrite=overwrite, markers=markers)
-    tmp = temp_sibling(target)
-    remove(tmp)
-    tmp.mkdir(parents=True)
+    target, tmp = prepare_folder(target, inputs, overwrite=overwrite, markers=markers)
     try:
         yield tmp
         commit_folder(tmp, target, overwrite=overwrite)

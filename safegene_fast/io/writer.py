@@ -21,11 +21,9 @@ import torch
 
 from safegene_fast.io.atomic import (
     OutputExistsError,
-    check_output,
     commit_folder,
+    prepare_folder,
     remove,
-    sweep_stale,
-    temp_sibling,
 )
 from safegene_fast.io.reader import (
     DTYPE_NAMES,
@@ -95,11 +93,10 @@ class ShardedWriter:
 
     def __init__(self, out: str | os.PathLike, tensors: list[Planned], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  copy_from: str | os.PathLike | None = None, overwrite: bool = False, inputs=()):
-        sweep_stale(out)
-        self.out = check_output(out, [*inputs, *([copy_from] if copy_from else [])], overwrite=overwrite)
-        self.overwrite = overwrite
         if max_shard_size <= 0:
             raise CheckpointError(f"max shard size must be positive, got {max_shard_size}.")
+        self.out, self.tmp = prepare_folder(out, [*inputs, *([copy_from] if copy_from else [])], overwrite=overwrite)
+        self.overwrite = overwrite
         self.copy_from = Path(copy_from) if copy_from else None
         self.shards = plan_shards(list(tensors), max_shard_size)
         n = len(self.shards)
@@ -107,9 +104,6 @@ class ShardedWriter:
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
         self.order = [t for shard in self.shards for t in shard]
         self.shard_of = [i for i, shard in enumerate(self.shards) for _ in shard]
-        self.tmp = temp_sibling(self.out)
-        remove(self.tmp)
-        self.tmp.mkdir(parents=True)
         self._next = 0        # index into self.order
         self._part = 0        # bytes of self.order[self._next] received so far by write_part
         self._shard = -1      # shard being written

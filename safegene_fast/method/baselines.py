@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 from safegene_fast.gene import SafetyGene
@@ -24,11 +25,12 @@ def gene_global(target: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
     return apply_merged(target, gene, out, coefficient, **kw)
 
 
-def best_resta(sweep: list[dict], target_accuracy: float, tolerance: float) -> dict:
-    """RESTA's best b: among the sweep's rows (each with ``b``, ``harmful_rate`` and
-    ``task_accuracy``), the lowest harmful rate whose accuracy is within ``tolerance`` of the
-    target's, else the most accurate."""
-    ok = [r for r in sweep if r["task_accuracy"] >= target_accuracy - tolerance - 1e-9]
+def best_resta(sweep: list[dict], target_accuracy: float, tolerance: float, *,
+               harmful: Callable[[dict], float], accuracy: Callable[[dict], float]) -> dict:
+    """RESTA's best b: among the sweep's rows (each with ``b``; ``harmful(row)`` and
+    ``accuracy(row)`` read its rates), the lowest harmful rate whose accuracy is within
+    ``tolerance`` of the target's, else the most accurate. Returns that row."""
+    ok = [r for r in sweep if accuracy(r) >= target_accuracy - tolerance - 1e-9]
     if ok:
-        return min(ok, key=lambda r: (r["harmful_rate"], -r["task_accuracy"], r["b"]))
-    return max(sweep, key=lambda r: (r["task_accuracy"], -r["harmful_rate"]))
+        return min(ok, key=lambda r: (harmful(r), -accuracy(r), r["b"]))
+    return max(sweep, key=lambda r: (accuracy(r), -harmful(r)))
