@@ -294,11 +294,13 @@ def lora_layers(model) -> dict[str, torch.nn.Module]:
 
 
 def test_peft_adapter_loads_every_factor(family):
-    """Every gene module becomes a LoRA module holding the gene's A and alpha_l * B (float32,
-    rank RANK, scaling 1); the file has exactly those keys, so nothing is missing or unexpected."""
+    """Every gene module a coefficient reaches becomes a LoRA module holding the gene's A and
+    alpha_l * B (float32, rank RANK, scaling 1); the file has exactly those keys, so nothing is
+    missing or unexpected, and the modules of layer 1 (coefficient 0) are left out."""
     f = family
     layers = lora_layers(load_peft(f))
-    assert set(layers) == set(f.gene.modules)
+    assert set(layers) == {m for m in f.gene.modules if alpha_of(m, f.gene) != 0}
+    assert layers and not any(".layers.1." in m for m in layers)
     file_keys = set(load_file(str(f.adapter / "adapter_model.safetensors")))
     assert file_keys == {f"base_model.model.{m}.lora_{x}.weight" for m in layers for x in "AB"}
     for module, layer in layers.items():

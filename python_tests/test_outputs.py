@@ -315,3 +315,77 @@ def test_a_failing_plot_leaves_no_coefficients(tiny_family, capsys, tmp_path, mo
                              "--family", "tiny", "--shots", "2", "--steps", "1", "--quiet", "--out",
                              str(tmp_path / "c.json"), "--plot", str(tmp_path / "p.png")])
     assert "No space left on device" in line and not (tmp_path / "c.json").exists()
+
+
+# ----------------------------------------------------------------------------- all outputs or none
+
+def visible(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir())
+
+
+@pytest.mark.parametrize("failure", [ValueError("late"), KeyboardInterrupt()])
+def test_outputs_of_a_failed_block_never_appear(tmp_path, failure):
+    from safegene_fast.io import together, write_json
+    with pytest.raises(type(failure)):
+        with together():
+            write_json(tmp_path / "a.json", 1)
+            with atomic_folder(tmp_path / "gene") as tmp:
+                (tmp / "safegene.json").write_text("{}")
+            assert visible(tmp_path) != [] and not (tmp_path / "a.json").exists()  # finished, not yet in place
+            raise failure
+    assert visible(tmp_path) == []
+
+
+def test_a_set_that_cannot_be_put_in_place_is_taken_back(tmp_path):
+    """The second output appeared meanwhile (another run): the first goes back to its old content."""
+    from safegene_fast.io import together, write_json
+    write_json(tmp_path / "a.json", "old")
+    with pytest.raises(OutputExistsError):
+        with together():
+            write_json(tmp_path / "a.json", "new", overwrite=True)
+            write_json(tmp_path / "b.json", "ours", overwrite=False)
+            (tmp_path / "b.json").write_text('"theirs"')
+    assert json.loads((tmp_path / "a.json").read_text()) == "old"
+    assert json.loads((tmp_path / "b.json").read_text()) == "theirs" and visible(tmp_path) == ["a.json", "b.json"]
+
+
+def test_files_inside_a_folder_output_are_part_of_it(tmp_path):
+    from safegene_fast.io import together, write_json
+    with together():
+        with atomic_folder(tmp_path / "gene") as tmp:
+            write_json(tmp / "safegene.json", {})
+            assert (tmp / "safegene.json").is_file()  # written at once: the folder is the output
+        assert not (tmp_path / "gene").exists()
+    assert visible(tmp_path / "gene") == ["safegene.json"] and visible(tmp_path) == ["gene"]
+
+
+def test_a_set_appears_whole(tmp_path):
+    from safegene_fast.io import together, write_json
+    write_json(tmp_path / "a.json", "old")
+    with together():
+        write_json(tmp_path / "a.json", "new", overwrite=True)
+        with together():  # nested: the outer block puts everything in place
+            write_json(tmp_path / "b.json", "b")
+        assert not (tmp_path / "b.json").exists()
+    assert [json.loads((tmp_path / n).read_text()) for n in ("a.json", "b.json")] == ["new", "b"]
+    assert visible(tmp_path) == ["a.json", "b.json"]
+
+
+def test_a_failing_coefficients_write_leaves_no_log_or_plot(tiny_family, capsys, tmp_path, monkeypatch):
+    """The plot and the log were finished before the coefficients failed: none of the three appears."""
+    from safegene_fast.io import atomic as atomic_module
+    gene_dir = tmp_path / "gene"
+    assert main(["extract", "--aligned", str(tiny_family.member("aligned")), "--degraded",
+                 str(tiny_family.member("dealigned")), "--out", str(gene_dir), "--rank", "2", "--quiet"]) == 0
+    real_open, out = open, tmp_path / "c.json"
+
+    def open_full_disk(path, *args, **kwargs):
+        if Path(path).name.startswith(f".{out.name}.tmp-"):
+            raise OSError(28, "No space left on device")
+        return real_open(path, *args, **kwargs)
+    monkeypatch.setattr(atomic_module, "open", open_full_disk, raising=False)
+    line = error_of(capsys, ["recalibrate", "--model", str(tiny_family.member("target")), "--gene", str(gene_dir),
+                             "--family", "tiny", "--shots", "2", "--steps", "1", "--quiet", "--out", str(out),
+                             "--log", str(tmp_path / "log.json"), "--plot", str(tmp_path / "p.png")])
+    assert "No space left on device" in line
+    assert visible(tmp_path) == ["gene"]

@@ -7,48 +7,58 @@
     coefficients = sg.recalibrate(target, tokenizer, gene, shots).coefficients
     sg.evaluate("protected/", harmful_prompts)
 
-The native engine (``safegene_fast._C``) registers the ops under ``torch.ops.safegene_fast``;
-``safegene_fast.ops`` wraps them with typed signatures (re-exported here) and
+The native engine (``safegene_fast._C``) registers the ops under ``torch.ops.safegene_fast`` when
+``safegene_fast.ops`` is imported (names here load on first use, so ``import safegene_fast`` alone
+stays light); ``safegene_fast.ops`` wraps them with typed signatures (re-exported here) and
 ``safegene_fast.reference`` holds the same ops in plain torch.
 """
 
-from safegene_fast._version import __version__
-from safegene_fast.eval.generate import evaluate_model as evaluate
-from safegene_fast.gene import SafetyGene
-from safegene_fast.method.recalibrate import FewShot, Recalibrated, recalibrate
-from safegene_fast.method.selection import select_layers
-from safegene_fast.ops import (
-    build_info,
-    delta,
-    delta_out,
-    lora_factors,
-    merge_dense_,
-    merge_diff,
-    merge_lowrank_,
-    rsvd,
-    rsvd_lora,
-)
-from safegene_fast.pipeline import apply, apply_merged, extract, resta
+import importlib
 
-__all__ = [
-    "FewShot",
-    "Recalibrated",
-    "SafetyGene",
-    "__version__",
-    "apply",
-    "apply_merged",
-    "build_info",
-    "delta",
-    "delta_out",
-    "evaluate",
-    "extract",
-    "lora_factors",
-    "merge_dense_",
-    "merge_diff",
-    "merge_lowrank_",
-    "recalibrate",
-    "resta",
-    "rsvd",
-    "rsvd_lora",
-    "select_layers",
-]
+from safegene_fast._version import __version__
+
+# Public name -> (module, attribute), imported on first use (PEP 562), not here: torch and the
+# native engine take seconds to load, and the ``safegene`` command imports this package before its
+# main() can handle a Ctrl-C.
+_EXPORTS = {
+    "FewShot": ("safegene_fast.method.recalibrate", "FewShot"),
+    "Recalibrated": ("safegene_fast.method.recalibrate", "Recalibrated"),
+    "SafetyGene": ("safegene_fast.gene", "SafetyGene"),
+    "apply": ("safegene_fast.pipeline", "apply"),
+    "apply_merged": ("safegene_fast.pipeline", "apply_merged"),
+    "build_info": ("safegene_fast.ops", "build_info"),
+    "delta": ("safegene_fast.ops", "delta"),
+    "delta_out": ("safegene_fast.ops", "delta_out"),
+    "evaluate": ("safegene_fast.eval.generate", "evaluate_model"),
+    "extract": ("safegene_fast.pipeline", "extract"),
+    "lora_factors": ("safegene_fast.ops", "lora_factors"),
+    "merge_dense_": ("safegene_fast.ops", "merge_dense_"),
+    "merge_diff": ("safegene_fast.ops", "merge_diff"),
+    "merge_lowrank_": ("safegene_fast.ops", "merge_lowrank_"),
+    "recalibrate": ("safegene_fast.method.recalibrate", "recalibrate"),
+    "resta": ("safegene_fast.pipeline", "resta"),
+    "rsvd": ("safegene_fast.ops", "rsvd"),
+    "rsvd_lora": ("safegene_fast.ops", "rsvd_lora"),
+    "select_layers": ("safegene_fast.method.selection", "select_layers"),
+}
+
+__all__ = sorted([*_EXPORTS, "__version__"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        module, attribute = _EXPORTS[name]
+        value = getattr(importlib.import_module(module), attribute)
+        globals()[name] = value  # later look-ups skip this function
+        return value
+    if not name.startswith("__"):  # a submodule not imported yet (``sg.ops``); never runs __main__
+        try:
+            return importlib.import_module(f"{__name__}.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"{__name__}.{name}":  # the submodule exists but needs something missing
+                raise
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -96,13 +96,18 @@ class SafetyGene:
                                  f"{str(m.B.dtype).removeprefix('torch.')}.")
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
-             base_model: str = "", coeffs: dict[str, float] | float = 1.0, inputs=()) -> Path:
-        """Writes the PEFT adapter (alpha folded into B) and safegene.json, atomically; ``folder``
-        may not be or touch one of ``inputs`` (``io.check_output``)."""
+             base_model: str = "", coeffs: dict[str, float] | float = 1.0, inputs=(),
+             card: str | None = None) -> Path:
+        """Writes the PEFT adapter (alpha folded into B; modules whose coefficient is 0 left out,
+        since they would add nothing) and safegene.json, and ``card`` as its README.md, atomically;
+        ``folder`` may not be or touch one of ``inputs`` (``io.check_output``)."""
         folder = Path(folder)
+        kept = {name: m for name, m in self.modules.items() if self.coefficient_for(name, coeffs) != 0}
+        if not kept:
+            raise ValueError("the coefficients are zero for every module of the gene: the adapter would do nothing.")
         with atomic_folder(folder, overwrite=overwrite, inputs=inputs) as tmp:
             tensors, ranks = {}, {}
-            for name, m in self.modules.items():
+            for name, m in kept.items():
                 alpha = self.coefficient_for(name, coeffs)
                 tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.contiguous()
                 tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.scaled_B(alpha).contiguous()
@@ -112,7 +117,7 @@ class SafetyGene:
             config = {
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                 "r": default_r, "lora_alpha": default_r, "rank_pattern": ranks, "alpha_pattern": ranks,
-                "target_modules": sorted(self.modules), "lora_dropout": 0.0, "bias": "none",
+                "target_modules": sorted(kept), "lora_dropout": 0.0, "bias": "none",
                 "fan_in_fan_out": False, "inference_mode": True,
             }
             write_json(tmp / "adapter_config.json", config)
@@ -121,9 +126,11 @@ class SafetyGene:
                 "coefficients_folded": coeffs,
                 "selection": self.selection,
                 "modules": {name: {"rank": m.rank, "layer": m.layer, "energy": m.energy,
-                                   "singular_values": m.S.tolist()} for name, m in self.modules.items()},
+                                   "singular_values": m.S.tolist()} for name, m in kept.items()},
             }
             write_json(tmp / "safegene.json", meta)
+            if card is not None:
+                (tmp / "README.md").write_text(card, encoding="utf-8")
         return folder
 
     @classmethod

@@ -7,6 +7,8 @@ device of their inputs: CPU always, CUDA when the package was built with CUDA.
 
 from __future__ import annotations
 
+import math
+import numbers
 from collections.abc import Sequence
 
 import torch
@@ -29,8 +31,51 @@ def build_info() -> dict:
     return dict(_C.build_info())
 
 
-def _as_list(b: Tensors) -> list[torch.Tensor]:
-    return [b] if isinstance(b, torch.Tensor) else list(b)
+def _as_list(op: str, b: Tensors) -> list[torch.Tensor]:
+    """One tensor or a sequence of them (never a string, whose characters would be iterated)."""
+    if isinstance(b, torch.Tensor):
+        return [b]
+    if isinstance(b, (str, bytes)) or not isinstance(b, Sequence) or not all(isinstance(t, torch.Tensor) for t in b):
+        raise TypeError(f"{op}: b must be a tensor or a list of tensors, not {_kind(b)}.")
+    return list(b)
+
+
+def _kind(value) -> str:
+    return f"a {type(value).__name__}" if not isinstance(value, (list, tuple)) else \
+        f"a {type(value).__name__} of {', '.join(sorted({type(v).__name__ for v in value})) or 'nothing'}"
+
+
+def _tensors(op: str, **tensors: torch.Tensor) -> None:
+    for name, t in tensors.items():
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a tensor, not {_kind(t)}.")
+
+
+def _writable(op: str, name: str, t: torch.Tensor) -> None:
+    """A tensor an op writes in place must hold values and be outside autograd, which cannot see
+    the write (the gradient of anything computed from it before would silently be wrong)."""
+    if t.is_meta:
+        raise ValueError(f"{op}: {name} is on the meta device, so it has no values to write in place.")
+    if t.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{op}: {name} requires grad, and autograd cannot track this in-place write; call it "
+                         f"under torch.no_grad() or pass {name}.detach().")
+
+
+def _real(op: str, name: str, value) -> float:
+    """A finite real number (an int, a float or a numpy scalar; not a bool, a string or None)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value):
+        raise TypeError(f"{op}: {name} must be a finite number, not {value!r}.")
+    return float(value)
+
+
+def _integer(op: str, name: str, value, low: int = 0) -> int:
+    """A whole number >= ``low`` that fits the kernels' int64 (not a bool or a float such as 16.0)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{op}: {name} must be an integer, not {value!r}.")
+    if not low <= value < 2**63:
+        bound = "positive" if low == 1 else f">= {low}"
+        raise ValueError(f"{op}: {name} must be {bound} (an integer below 2**63), not {value}.")
+    return int(value)
 
 
 CPU_ONLY = ("safegene_fast was built with CPU kernels only, so it cannot run on CUDA tensors; rebuild it "
@@ -66,14 +111,17 @@ def delta(a: torch.Tensor, b: Tensors) -> torch.Tensor:
     a: any shape. b: one tensor or K (1..16) tensors of a's shape (the degraded models).
     Returns a new float32 tensor of a's shape.
     """
-    b = _as_list(b)
+    _tensors("delta", a=a)
+    b = _as_list("delta", b)
     _require_built_device(a, *b)
     return _ops.delta(a, b)
 
 
 def delta_out(a: torch.Tensor, b: Tensors, out: torch.Tensor) -> torch.Tensor:
     """``delta`` written into ``out`` (float32, a's shape, contiguous); returns ``out``."""
-    b = _as_list(b)
+    _tensors("delta_out", a=a, out=out)
+    b = _as_list("delta_out", b)
+    _writable("delta_out", "out", out)
     _require_built_device(a, out, *b)
     _ops.delta_out(a, b, out)
     return out
@@ -85,8 +133,10 @@ def merge_dense_(w: torch.Tensor, d: torch.Tensor, alpha: float) -> torch.Tensor
     w: any shape. d: w's shape, any supported dtype. Bit-identical to
     ``(w.float() + alpha * d.float()).to(w.dtype)``, in one pass without temporaries.
     """
+    _tensors("merge_dense_", w=w, d=d)
+    _writable("merge_dense_", "w", w)
     _require_built_device(w, d)
-    _ops.merge_dense_(w, d, float(alpha))
+    _ops.merge_dense_(w, d, _real("merge_dense_", "alpha", alpha))
     return w
 
 
@@ -100,10 +150,14 @@ def merge_diff(w: torch.Tensor, a: torch.Tensor, b: torch.Tensor, alpha: float,
     delta in memory. Where ``a - b`` is NaN or Inf, ``out`` keeps w's value; ``nonfinite``
     counts those elements. RESTA's ``T + alpha * (A - D)``.
     """
+    _tensors("merge_diff", w=w, a=a, b=b)
+    alpha = _real("merge_diff", "alpha", alpha)
     if out is None:
         out = torch.empty_like(w, memory_format=torch.contiguous_format)
+    _tensors("merge_diff", out=out)
+    _writable("merge_diff", "out", out)
     _require_built_device(w, a, b, out)
-    bad = _ops.merge_diff(w, a, b, float(alpha), out)
+    bad = _ops.merge_diff(w, a, b, alpha, out)
     return out, int(bad)
 
 
@@ -113,8 +167,10 @@ def merge_lowrank_(w: torch.Tensor, B: torch.Tensor, A: torch.Tensor, alpha: flo
     w: (out, in). B: (out, r). A: (r, in). Works over row blocks with a bounded float32
     workspace (a few MiB), never a float32 copy of w.
     """
+    _tensors("merge_lowrank_", w=w, B=B, A=A)
+    _writable("merge_lowrank_", "w", w)
     _require_built_device(w, B, A)
-    _ops.merge_lowrank_(w, B, A, float(alpha))
+    _ops.merge_lowrank_(w, B, A, _real("merge_lowrank_", "alpha", alpha))
     return w
 
 
@@ -139,12 +195,18 @@ def rsvd(
     """
     if (rank is None) == (energy is None):
         raise ValueError("rsvd: give exactly one of rank= or energy=.")
-    b = _as_list(b)
+    _tensors("rsvd", a=a)
+    b = _as_list("rsvd", b)
+    rank = 0 if rank is None else _integer("rsvd", "rank", rank, low=1)
+    energy = 0.0 if energy is None else _real("rsvd", "energy", energy)
+    if energy and not 0.0 < energy <= 1.0:
+        raise ValueError(f"rsvd: energy must be in (0, 1], not {energy!r}.")
+    max_rank = 0 if max_rank is None else _integer("rsvd", "max_rank", max_rank, low=1)
+    oversample = _integer("rsvd", "oversample", oversample)
+    power_iters = _integer("rsvd", "power_iters", power_iters)
+    seed = _integer("rsvd", "seed", seed)
     _require_built_device(a, *b)
-    return _ops.rsvd(
-        a, b, int(rank or 0), int(oversample), int(power_iters), int(seed),
-        float(energy or 0.0), int(max_rank or 0),
-    )
+    return _ops.rsvd(a, b, rank, oversample, power_iters, seed, energy, max_rank)
 
 
 def lora_factors(

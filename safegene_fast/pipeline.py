@@ -7,14 +7,18 @@ import math
 import os
 import re
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack
+from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
 
 from safegene_fast import ops
 from safegene_fast._version import __version__
+from safegene_fast.card import CARD_NAME, model_card
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
 from safegene_fast.io import (
     Checkpoint,
@@ -32,6 +36,8 @@ DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
 MAX_POWER_ITERS = 20   # each is two passes over the delta; past a few the factors stop changing
 MAX_OVERSAMPLE = 512
 PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
+# The dtypes the engine's kernels take; tensors of any other dtype are copied, never merged.
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _pattern(text: str) -> re.Pattern:
@@ -45,15 +51,34 @@ def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | 
     """Weight names whose module gets a gene factor."""
     inc, exc = _pattern(include or DEFAULT_INCLUDE), _pattern(exclude) if exclude else None
     return [n for n, info in ckpt.tensors.items()
-            if len(info.shape) == 2 and info.dtype.is_floating_point
+            if len(info.shape) == 2 and info.dtype in KERNEL_DTYPES
             and inc.search(n) and not (exc and exc.search(n))]
 
 
 class NonFiniteError(CheckpointError):
-    """A delta with NaN or Inf values, which ``allow_nonfinite`` would zero."""
+    """NaN or Inf values that ``allow_nonfinite`` lets through with a warning instead: in a delta
+    (its entries are zeroed, so the merge keeps the target's value) or in the target's own
+    weights (the output keeps them, bit for bit). ``allowing`` says which, for the flag's hint."""
 
-    def __init__(self, source, tensor: str, count: int):
-        super().__init__(f"{source}: the delta of tensor {tensor!r} has {count} NaN or Inf values.")
+    def __init__(self, source, tensor: str, count: int, in_target: bool = False):
+        self.where = f"tensor {tensor!r}" if in_target else f"the delta of tensor {tensor!r}"
+        super().__init__(f"{source}: {self.where} has {count} NaN or Inf values.")
+        self.source, self.tensor, self.count, self.in_target = source, tensor, count, in_target
+        self.allowing = "keep them" if in_target else "zero them"
+
+    def warn(self) -> None:
+        """The warning given in place of this error when NaN and Inf are allowed."""
+        done = "kept" if self.in_target else "zeroed"
+        warnings.warn(f"{self.source}: {done} {self.count} NaN or Inf values in {self.where}.", stacklevel=3)
+
+
+class MergeOverflowError(ValueError):
+    """A merge that made NaN or Inf where the target's weight is finite: no flag allows it."""
+
+    def __init__(self, source, tensor: str, count: int, alpha: float, dtype: torch.dtype):
+        name = str(dtype).removeprefix("torch.")
+        super().__init__(f"{source}: merging tensor {tensor!r} with coefficient {alpha:g} overflows {name} in "
+                         f"{count} values: the coefficient is too large for this dtype.")
         self.source, self.tensor, self.count = source, tensor, count
 
 
@@ -76,12 +101,70 @@ def _check_finite(delta: torch.Tensor, inputs: list[tuple[object, torch.Tensor]]
     bad = int((~torch.isfinite(delta)).sum())
     if not bad:  # finite values whose squares overflow
         return 0, total
-    source = next((path for path, t in inputs if not bool(torch.isfinite(t).all())), inputs[0][0])
+    error = NonFiniteError(_nonfinite_source(inputs), name, bad)
     if not allow:
-        raise NonFiniteError(source, name, bad)
+        raise error
     torch.nan_to_num_(delta, nan=0.0, posinf=0.0, neginf=0.0)
-    warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.", stacklevel=3)
+    error.warn()
     return bad, squared_frobenius(delta)
+
+
+def _all_finite(piece: torch.Tensor) -> bool:
+    """One cheap pass: the 2-norm is NaN or Inf when any entry is (on bfloat16 pieces it was the
+    cheapest reduction measured; aminmax, sum and max cost more). Finite entries can make it Inf
+    too (squares past float32, a float16 norm past 65504): then aminmax, exact, decides."""
+    if math.isfinite(float(torch.linalg.vector_norm(piece))):
+        return True
+    smallest, largest = torch.aminmax(piece)
+    return math.isfinite(float(smallest)) and math.isfinite(float(largest))
+
+
+def _nonfinite_in_output(out: torch.Tensor, target: Callable[[], torch.Tensor] | None) -> tuple[int, int]:
+    """(NaN and Inf the target already held, NaN and Inf the merge made) in one output piece.
+    Where the target is NaN or Inf the output gets its value back, bit for bit. ``target()``
+    gives the target's piece; it is called (a second read) only when the piece is not finite.
+    ``target=None``: ``out`` is the target's piece itself, copied unmerged."""
+    if _all_finite(out):
+        return 0, 0
+    bad = ~torch.isfinite(out)
+    if target is None:
+        return int(bad.sum()), 0
+    original = target()
+    theirs = ~torch.isfinite(original)
+    out[theirs] = original[theirs]
+    return int(theirs.sum()), int((bad & ~theirs).sum())
+
+
+@dataclass
+class _NonFiniteTally:
+    """NaN and Inf met in one tensor's pieces, judged once the tensor is complete (so the counts
+    are the tensor's, not its first bad piece's)."""
+
+    zeroed: int = 0              # in A - D, zeroed (resta)
+    delta_source: object = None  # the first input whose piece of A - D held them
+    kept: int = 0                # the target's own
+    made: int = 0                # made by the merge: an overflow
+
+    def add_zeroed(self, count: int, inputs: list[tuple[object, torch.Tensor]]) -> None:
+        self.delta_source = self.delta_source or _nonfinite_source(inputs)
+        self.zeroed += count
+
+    def add_output(self, out: torch.Tensor, target: Callable[[], torch.Tensor] | None) -> None:
+        kept, made = _nonfinite_in_output(out, target)
+        self.kept, self.made = self.kept + kept, self.made + made
+
+    def judge(self, source, name: str, alpha: float, dtype: torch.dtype, allow: bool) -> None:
+        """An overflow is an error whatever ``allow`` says (so it is reported first); the inputs'
+        NaN and Inf are refused, or with ``allow`` warned about."""
+        if self.made:
+            raise MergeOverflowError(source, name, self.made, alpha, dtype)
+        found = [NonFiniteError(self.delta_source, name, self.zeroed)] if self.zeroed else []
+        if self.kept:
+            found.append(NonFiniteError(source, name, self.kept, in_target=True))
+        for error in found:
+            if not allow:
+                raise error
+            error.warn()
 
 
 def _fingerprint(ckpt: Checkpoint) -> str:
@@ -148,20 +231,28 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
 
 def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
                  coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 device: str = "cpu", overwrite: bool = False, progress: bool = False) -> Path:
+                 device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
+                 progress: bool = False) -> Path:
     """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module.
 
     In pieces of about PIECE elements (whole rows): each is read into one of two reused buffers,
     merged in place there (``merge_lowrank_`` on its rows of B) and written behind while the
-    next piece is read and merged, so memory stays at two pieces whatever the tensor sizes."""
+    next piece is read and merged, so memory stays at two pieces whatever the tensor sizes.
+    Pieces no merge touches (any dtype) are seen in place in the page cache and written from
+    there, byte for byte: one copy instead of two, which pays for the check below.
+    Every bfloat16, float16 and float32 piece written is checked for NaN and Inf (one cheap
+    reduction): a merge that made them is an error, the model's own are refused unless
+    ``allow_nonfinite`` (then kept, with a warning)."""
     ops.require_device(device)
     gene.check_coefficients(coeffs)
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
         ring = _PieceRing()
+        written_view = None  # (name, start, count) of a mapped piece being written: released after
+        card = protected_card(model, gene, coeffs, "merged", ckpt.folder)
         with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite,
-                           inputs=[model, *gene_inputs(gene)]) as writer, \
+                           inputs=[model, *gene_inputs(gene)], extra_files={CARD_NAME: card}) as writer, \
                 Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             for p in plan:
                 info = ckpt.tensors[p.name]
@@ -169,6 +260,7 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
                 m = gene.modules.get(module)
                 alpha = gene.coefficient_for(module, coeffs) if m else 0.0
                 numel = info.nbytes // info.dtype.itemsize
+                nonfinite = _NonFiniteTally()
                 if alpha != 0.0:
                     B, A = m.scaled_B(alpha).to(device), m.A.to(device)
                     row = info.shape[1]
@@ -177,14 +269,23 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
                     step = PIECE
                 for lo in range(0, numel, step):
                     n = min(step, numel - lo)
-                    w = ckpt.read(p.name, into=ring.next(n * info.dtype.itemsize, torch.uint8), start=lo, count=n)
                     if alpha != 0.0:
+                        w = ckpt.read(p.name, into=ring.next(n * info.dtype.itemsize, torch.uint8), start=lo, count=n)
                         rows = slice(lo // row, (lo + n) // row)
                         w_dev = w.view(-1, row).to(device)
                         ops.merge_lowrank_(w_dev, B[rows], A, 1.0)
                         if w_dev.data_ptr() != w.data_ptr():
                             w.copy_(w_dev.view(-1))
-                    writer.write_part(p.name, w)
+                        nonfinite.add_output(w, partial(ckpt.read, p.name, start=lo, count=n))
+                    else:
+                        w = ckpt.view(p.name, lo, n)  # never written to: the writer only reads it
+                        if info.dtype in KERNEL_DTYPES:
+                            nonfinite.add_output(w, None)
+                    writer.write_part(p.name, w)  # returns once the write before it is done
+                    if written_view is not None:
+                        ckpt.release(*written_view)
+                    written_view = None if alpha != 0.0 else (p.name, lo, n)
+                nonfinite.judge(model, p.name, alpha, info.dtype, allow_nonfinite)
                 if not numel:
                     writer.write(p.name, torch.empty(info.shape, dtype=info.dtype))
                 bar.advance(info.nbytes)
@@ -193,21 +294,34 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
 
 def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: str | os.PathLike,
           coeffs: dict[str, float] | float = 1.0, *, format: str = "merged", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-          device: str = "cpu", overwrite: bool = False, progress: bool = False) -> Path:
+          device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
+          progress: bool = False) -> Path:
     """Re-applies a gene to ``model``: ``merged`` writes the merged checkpoint, ``peft`` writes an
-    adapter for ``model`` with the coefficients folded into B (PEFT's merge equals ``merged``)."""
+    adapter for ``model`` with the coefficients folded into B (PEFT's merge equals ``merged``).
+    ``allow_nonfinite``: a merged checkpoint keeps NaN or Inf weights of ``model`` (with a
+    warning) instead of refusing them; ``peft`` reads no weights, so it does not look."""
     if not isinstance(gene, SafetyGene):
         gene = SafetyGene.load(gene)
     if format == "merged":
         return apply_merged(model, gene, out, coeffs, max_shard_size=max_shard_size, device=device,
-                            overwrite=overwrite, progress=progress)
+                            overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=progress)
     if format != "peft":
         raise ValueError(f"unknown output format {format!r}; use 'merged' or 'peft'.")
     gene.check_coefficients(coeffs)
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
+        card = protected_card(model, gene, coeffs, "peft", ckpt.folder)
     return gene.save(out, overwrite=overwrite, base_model=str(Path(model).resolve()), coeffs=coeffs,
-                     inputs=[model, *gene_inputs(gene)])
+                     inputs=[model, *gene_inputs(gene)], card=card)
+
+
+def protected_card(model, gene: SafetyGene, coeffs: dict[str, float] | float, kind: str, folder: Path) -> str:
+    """The model card of ``model`` protected by ``gene`` at ``coeffs`` (the modules a coefficient
+    of 0 leaves out are not counted)."""
+    applied = [name for name in gene.modules if gene.coefficient_for(name, coeffs) != 0]
+    layers = sorted({gene.modules[name].layer for name in applied if gene.modules[name].layer is not None})
+    return model_card(target=model, kind=kind, gene_provenance=gene.provenance, modules=len(applied),
+                      layers=layers, coeffs=coeffs, source_folder=folder)
 
 
 def gene_inputs(gene: SafetyGene) -> list[Path]:
@@ -216,7 +330,8 @@ def gene_inputs(gene: SafetyGene) -> list[Path]:
 
 
 def _check_gene_fits(model, ckpt: Checkpoint, gene: SafetyGene) -> None:
-    """Every gene module names a weight of ``model`` with the factors' shape."""
+    """Every gene module names a weight of ``model`` with the factors' shape, in a dtype the
+    kernels merge into."""
     for m, g in gene.modules.items():
         info = ckpt.tensors.get(f"{m}.weight")
         if info is None:
@@ -224,13 +339,18 @@ def _check_gene_fits(model, ckpt: Checkpoint, gene: SafetyGene) -> None:
         if info.shape != (g.B.shape[0], g.A.shape[1]):
             raise CheckpointError(f"{model}: tensor {m + '.weight'!r} has shape {list(info.shape)} but the "
                                   f"gene's factors make {[g.B.shape[0], g.A.shape[1]]}.")
+        if info.dtype not in KERNEL_DTYPES:
+            raise CheckpointError(f"{model}: tensor {m + '.weight'!r}, which the gene targets, is "
+                                  f"{str(info.dtype).removeprefix('torch.')}, and a gene merges only into "
+                                  f"bfloat16, float16 or float32 weights.")
 
 
 def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | os.PathLike,
           alpha: float, out: str | os.PathLike, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
           device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
           progress: bool = False) -> Path:
-    """The dense RESTA baseline: every floating tensor becomes ``T + alpha * (A - D)``.
+    """The dense RESTA baseline: every bfloat16, float16 and float32 tensor becomes
+    ``T + alpha * (A - D)``; tensors of other dtypes are T's, copied byte for byte.
 
     Streams in pieces of PIECE elements: T, A and D are seen in place in the page cache
     (``Checkpoint.view``, nothing copied on the way in) and ``merge_diff`` writes each result
@@ -238,6 +358,10 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
     next piece is merged (no float32 delta, no reader threads). Each piece's mapped pages are
     released once merged, so memory stays at a few pieces whatever the tensor sizes. The next
     tensor is requested from the kernel (``prefetch``) in the background.
+
+    NaN or Inf in A - D are refused, or with ``allow_nonfinite`` zeroed (T kept there); in T
+    itself refused, or kept; made by the merge (an overflow): always an error. Each is judged
+    once its tensor is complete, so the counts are the tensor's.
     """
     ops.require_device(device)
     with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt, \
@@ -256,33 +380,29 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
                 pending = prefetcher.submit(_prefetch, ckpts, names[i + 1:i + 2])
                 info = t_ckpt.tensors[name]
                 numel = info.nbytes // info.dtype.itemsize
-                is_float = info.dtype in (torch.bfloat16, torch.float16, torch.float32)
-                bad = 0
+                merged_dtype = info.dtype in KERNEL_DTYPES
+                nonfinite = _NonFiniteTally()
                 for lo in range(0, numel, PIECE):
                     n = min(PIECE, numel - lo)
                     w = ring.next(n, info.dtype)  # the piece written two pieces ago is on disk
-                    if is_float:
+                    if merged_dtype:
                         t, a, d = (c.view(name, lo, n) for c in ckpts)
                         if device == "cpu":
-                            _, piece_bad = ops.merge_diff(t, a, d, alpha, w)
+                            _, piece_zeroed = ops.merge_diff(t, a, d, alpha, w)
                         else:
-                            merged, piece_bad = ops.merge_diff(t.to(device), a.to(device), d.to(device), alpha)
+                            merged, piece_zeroed = ops.merge_diff(t.to(device), a.to(device), d.to(device), alpha)
                             w.copy_(merged)
-                        if piece_bad:  # merge_diff kept T where A - D is NaN or Inf
-                            source = _nonfinite_source([(aligned, a), (degraded, d)])
-                            if not allow_nonfinite:
-                                raise NonFiniteError(source, name, piece_bad)
-                            bad += piece_bad
+                        if piece_zeroed:  # merge_diff kept T where A - D is NaN or Inf
+                            nonfinite.add_zeroed(piece_zeroed, [(aligned, a), (degraded, d)])
+                        nonfinite.add_output(w, lambda: t)
                         del t, a, d
                         for c in ckpts:
                             c.release(name, lo, n)
-                    else:  # integer and other tensors: the target's, unchanged
-                        w.copy_(t_ckpt.view(name, lo, n))
+                    else:  # integer, float64, float8 and other tensors: the target's bytes, unchanged
+                        w.view(torch.uint8).copy_(t_ckpt.view(name, lo, n).view(torch.uint8))
                         t_ckpt.release(name, lo, n)
                     writer.write_part(name, w)
-                if bad:
-                    warnings.warn(f"{source}: zeroed {bad} NaN or Inf values in the delta of tensor {name!r}.",
-                                  stacklevel=2)
+                nonfinite.judge(model, name, alpha, info.dtype, allow_nonfinite)
                 if not numel:
                     writer.write(name, torch.empty(info.shape, dtype=info.dtype))
                 bar.advance(info.nbytes)

@@ -5,26 +5,25 @@ they share in ``options``.
 Expected failures (bad input, a full disk) end with one line ``safegene: error: ...`` on stderr and
 exit status 1; usage errors exit 2 (argparse). Results go to stdout (``--json``: one
 machine-readable line, the last); progress bars and status messages go to stderr, ``--quiet``
-turns them off and ``--verbose`` adds debug messages.
+turns them off and ``--verbose`` adds debug messages. A stop signal (Ctrl-C, SIGTERM, SIGHUP) at any
+moment, start-up included, ends with one line ``safegene: stopped by SIGINT...`` and exit status
+128 + the signal's number.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
-import logging
 import os
 import signal
 import sys
 import threading
 import warnings
 
-from safegene_fast._version import __version__
-from safegene_fast.cli import engine, experiments, method
-from safegene_fast.cli.options import UsageError, parse_size
-from safegene_fast.io import OutputExistsError
-from safegene_fast.pipeline import NonFiniteError
+# Only the standard library here, and little of it: the commands import torch, transformers and the
+# package (seconds), and that happens in main() once the stop signals are handled, so a Ctrl-C during
+# start-up ends with one line and not a traceback. The names kept here for callers come on first use.
+_FROM_OPTIONS = ("UsageError", "parse_size")
 
 __all__ = ["UsageError", "build_parser", "main", "parse_size"]
 
@@ -33,7 +32,16 @@ M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
 MODEL_COMMANDS = ("eval", "select", "recalibrate", "demo", "study")  # the ones that load transformers models
 
 
+def __getattr__(name: str):
+    if name in _FROM_OPTIONS:
+        from safegene_fast.cli import options
+        return getattr(options, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    from safegene_fast._version import __version__
+    from safegene_fast.cli import engine, experiments, method
     parser = argparse.ArgumentParser(
         prog="safegene",
         description="Extract a low-rank safety gene from aligned/degraded LLM checkpoints and "
@@ -53,22 +61,24 @@ def fix_mmap_threshold() -> None:
     the OS at once. Its default threshold adapts upward (to 32 MiB) as tensors are freed, and the
     freed multi-MB blocks then pile up in the heap over the first layers of a pass: peak RSS
     would drift with model depth instead of tracking the tensors in flight."""
+    import ctypes
     try:
         ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, 2**20)
     except (OSError, AttributeError):  # not glibc: nothing to tune
         pass
 
 
-class _ShortNames(logging.Formatter):
-    """``demo: family ready ...``: the last part of the module's logger name, then the message."""
-
-    def format(self, record: logging.LogRecord) -> str:
-        return f"{record.name.rsplit('.', 1)[-1]}: {record.getMessage()}"
-
-
 def configure_logging(args: argparse.Namespace) -> None:
+    import logging
+
+    class ShortNames(logging.Formatter):
+        """``demo: family ready ...``: the last part of the module's logger name, then the message."""
+
+        def format(self, record: logging.LogRecord) -> str:
+            return f"{record.name.rsplit('.', 1)[-1]}: {record.getMessage()}"
+
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_ShortNames())
+    handler.setFormatter(ShortNames())
     root = logging.getLogger("safegene_fast")
     root.handlers[:] = [handler]
     root.propagate = False
@@ -85,20 +95,44 @@ class Stopped(KeyboardInterrupt):
 
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+_received: list[int] = []  # the stop signals raised as Stopped since stop_on_signals
+
+
+def _ignore_stop_signals() -> None:
+    for s in STOP_SIGNALS:  # a second signal must not cut the clean-up (or the last line) short
+        signal.signal(s, signal.SIG_IGN)
 
 
 def _stop(signum, frame):
-    for s in STOP_SIGNALS:  # a second signal must not cut the clean-up short
-        signal.signal(s, signal.SIG_IGN)
+    _ignore_stop_signals()
+    _received.append(signum)
     raise Stopped(signum)
 
 
-def stop_on_signals() -> dict:
-    """Turn the stop signals into ``Stopped`` (in the main thread, as Python requires); returns
-    the handlers they had."""
+def _exit_during_start_up(signum, frame):
+    """Before the command runs there is nothing to remove, and an exception raised inside the
+    imports of torch and numpy may never arrive: their C++ code swallows it (the import then fails
+    later) or aborts the process on it. So the process ends here, at once."""
+    _ignore_stop_signals()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):
+            stream.flush()
+    os.write(2, f"{stop_line(signum, running=False)}\n".encode())
+    os._exit(128 + signum)
+
+
+def stop_on_signals(handler=_stop) -> dict:
+    """Turn the stop signals into ``Stopped`` (in the main thread, as Python requires), or hand
+    them to ``handler``; returns the handlers they had."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    return {s: signal.signal(s, _stop) for s in STOP_SIGNALS}
+    _received.clear()
+    return {s: signal.signal(s, handler) for s in STOP_SIGNALS}
+
+
+def stop_line(signum: int, running: bool) -> str:
+    removed = "; partial outputs were removed" if running else ""  # none exist before the command runs
+    return f"safegene: stopped by {signal.Signals(signum).name}{removed}."
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):
@@ -107,42 +141,54 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
 
 def error_line(exc: BaseException) -> str:
     """The one line an expected failure is reported with; only here are flags named."""
+    from safegene_fast.io import OutputExistsError
+    from safegene_fast.pipeline import NonFiniteError
     if isinstance(exc, OutputExistsError):
         return f"{exc.path}: already exists; pass --overwrite to replace it."
     if isinstance(exc, NonFiniteError):
-        return f"{exc} Pass --allow-nonfinite to zero them."
+        return f"{exc} Pass --allow-nonfinite to {exc.allowing}."
     text = str(exc).strip()
     return text.splitlines()[0] if text else type(exc).__name__
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    args.argv = sys.argv[1:] if argv is None else list(argv)
-    fix_mmap_threshold()
-    warnings.showwarning = _one_line_warning
-    configure_logging(args)
-    if args.command in MODEL_COMMANDS:
-        # transformers draws a bar for every model it loads: noise next to ours
-        from transformers.utils import logging as hf_logging
-        hf_logging.disable_progress_bar()
-    previous = stop_on_signals()
-    args.locks = contextlib.ExitStack()  # the outputs' locks, held until the command ends
+    # First of all: the imports below (torch, transformers, the commands) are where a start-up
+    # spends its time, and a signal then would print a traceback.
+    previous = stop_on_signals(_exit_during_start_up)
+    try:
+        args = build_parser().parse_args(argv)
+        args.argv = sys.argv[1:] if argv is None else list(argv)
+        fix_mmap_threshold()
+        warnings.showwarning = _one_line_warning
+        configure_logging(args)
+        if args.command in MODEL_COMMANDS:
+            # transformers draws a bar for every model it loads: noise next to ours
+            from transformers.utils import logging as hf_logging
+            hf_logging.disable_progress_bar()
+        args.locks = contextlib.ExitStack()  # the outputs' locks, held until the command ends
+        stop_on_signals()  # from here a signal unwinds the command, removing its partial outputs
+        return run_command(args)
+    except KeyboardInterrupt as exc:
+        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
+        print(stop_line(signum, running=True), file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def run_command(args: argparse.Namespace) -> int:
+    """The parsed command, its expected failures turned into one line and exit status 1."""
     try:
         with args.locks:
             return args.func(args)
-    except KeyboardInterrupt as exc:
-        signum = exc.signum if isinstance(exc, Stopped) else signal.SIGINT
-        print(f"safegene: stopped by {signal.Signals(signum).name}; partial outputs were removed.", file=sys.stderr)
-        return 128 + signum
     except (ValueError, OSError, RuntimeError) as exc:  # CheckpointError and UsageError are ValueErrors
+        if _received:  # a Stopped raised inside C++ or Rust code (safetensors, torch) comes out as another error
+            raise Stopped(_received[-1]) from exc
         if os.environ.get("SAFEGENE_TRACEBACK"):
             raise
         print(f"safegene: error: {error_line(exc)}", file=sys.stderr)
         return EXIT_ERROR
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

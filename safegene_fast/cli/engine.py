@@ -60,7 +60,8 @@ def cmd_apply(args: argparse.Namespace) -> int:
     check_outputs(args, [args.model, args.gene], folders=[args.out])
     start = time.perf_counter()
     apply(args.model, args.gene, args.out, coeffs, format=args.format, max_shard_size=args.max_shard_size,
-          device=args.device, overwrite=args.overwrite, progress=not args.quiet)
+          device=args.device, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite,
+          progress=not args.quiet)
     seconds = time.perf_counter() - start
     nbytes = checkpoint_bytes(args.model) if args.format == "merged" else checkpoint_bytes(
         Path(args.out) / "adapter_model.safetensors")
@@ -135,7 +136,7 @@ def register(sub) -> None:
     coeff.add_argument("--alpha", type=finite_float, default=1.0, help="one coefficient for every module (default 1)")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
     p.add_argument("--format", choices=["merged", "peft"], default="merged", help="output kind (default merged)")
-    add_engine_options(p)
+    add_engine_options(p, nonfinite=True)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("resta", help="the dense RESTA baseline T + alpha * (A - D)",

@@ -29,13 +29,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_study(args: argparse.Namespace) -> int:
     from safegene_fast.experiments.study import format_table, run_study
-    from safegene_fast.io import check_output, write_json
+    from safegene_fast.io import check_output
     if args.json_out:
         check_output(args.json_out, overwrite=True, folder=False)  # a result file is replaced; a folder is not
     result = run_study(args.preset, args.seed, args.out, rebuild=args.rebuild, progress=not args.quiet,
-                       command=command_line(args))
-    if args.json_out:
-        write_json(args.json_out, result)
+                       command=command_line(args), json_out=args.json_out)
     print_result(args, result, format_table(result) + f"\n\nplot, genes, layer scores, coefficients and study.json "
                                                       f"in {args.out}/ ({result['seconds']:.0f} s in all)")
     return 0

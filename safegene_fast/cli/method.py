@@ -30,19 +30,31 @@ def family_prompts(args: argparse.Namespace):
     return prompt_sets(args.family, args.seed)
 
 
+def check_prompts(args: argparse.Namespace, model, tokenizer, sets, **reserve) -> None:
+    """Each set of (prompts as the model sees them, their file or None, what they are) fits the
+    model's context (``check_context``); an error names the file, or the family's split."""
+    from safegene_fast.eval.generate import check_context
+    for prompts, path, what in sets:
+        check_context(model, tokenizer, prompts, path or f"the {args.family} family's {what}", **reserve)
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
     if args.judge_check:
         return judge_check_report(args)
     if args.model is None:
         raise UsageError("give --model (a model to evaluate) or --judge-check.")
-    from safegene_fast.eval.generate import evaluate_model
+    from safegene_fast.eval.generate import chat, evaluate_loaded, load_model
     from safegene_fast.models.toy import TARGET_TASK
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("heldout")
     task = read_examples(args.task) if args.task else fam.examples(TARGET_TASK, "heldout")
+    harmful, task = harmful[:args.limit], task[:args.limit]
     start = time.perf_counter()
-    result = evaluate_model(args.model, harmful[:args.limit], task[:args.limit], adapter=args.adapter,
-                            max_new_tokens=args.max_new_tokens)
+    model, tokenizer = load_model(args.model, args.adapter)
+    check_prompts(args, model, tokenizer, [(chat(tokenizer, harmful), args.harmful, "harmful prompts"),
+                                           (chat(tokenizer, [e.prompt for e in task]), args.task, "task prompts")],
+                  generated=args.max_new_tokens)
+    result = evaluate_loaded(model, tokenizer, harmful, task, max_new_tokens=args.max_new_tokens)
     result = {"model": args.model, "adapter": args.adapter, **result, "seconds": round(time.perf_counter() - start, 2)}
     print_result(args, result, f"{args.model}: harmful (non-refusal) rate {result['harmful_rate']:.3f} "
                                f"({result['harmful_count']}/{result['harmful_n']}), task accuracy "
@@ -62,9 +74,9 @@ def judge_check_report(args: argparse.Namespace) -> int:
 
 
 def cmd_select(args: argparse.Namespace) -> int:
-    from safegene_fast.eval.generate import COMPLIANCE, chat, load_model
+    from safegene_fast.eval.generate import COMPLIANCE, chat, load_causal_lm, load_model
     from safegene_fast.gene import SafetyGene
-    from safegene_fast.io import output_lock
+    from safegene_fast.io import output_lock, together
     from safegene_fast.method.selection import plot_scores, select_layers
     from safegene_fast.models import toy
     gene = SafetyGene.load(args.gene)
@@ -85,16 +97,20 @@ def cmd_select(args: argparse.Namespace) -> int:
     compliance = args.compliance or (toy.COMPLIANCE if not args.harmful else COMPLIANCE)
     start = time.perf_counter()
     aligned, tokenizer = load_model(args.aligned)
-    degraded = [load_model(d)[0] for d in args.degraded]
-    gene.selection = select_layers(gene, aligned, degraded, tokenizer, chat(tokenizer, harmful[:args.shots]),
-                                   chat(tokenizer, harmless[:args.shots]), refusal=refusal,
+    degraded = [load_causal_lm(d) for d in args.degraded]  # the aligned model's tokenizer serves them all
+    harmful, harmless = chat(tokenizer, harmful[:args.shots]), chat(tokenizer, harmless[:args.shots])
+    check_prompts(args, aligned, tokenizer, [(harmful, args.harmful, "harmful prompts"),
+                                             (harmless, args.harmless, "harmless prompts")],
+                  continuations=(refusal, compliance))
+    gene.selection = select_layers(gene, aligned, degraded, tokenizer, harmful, harmless, refusal=refusal,
                                    compliance=compliance, scorer=args.scorer, k=args.layers,
                                    threshold=args.threshold)
     out = args.out or args.gene
-    if args.plot:  # before the gene: a failing plot leaves no new output behind
-        plot_scores(gene.selection, args.plot)
-    gene.save(out, overwrite=True if out == args.gene else args.overwrite,
-              base_model=gene.provenance.get("aligned", ""))
+    with together():  # the gene and the plot appear together, or neither does
+        if args.plot:
+            plot_scores(gene.selection, args.plot)
+        gene.save(out, overwrite=True if out == args.gene else args.overwrite,
+                  base_model=gene.provenance.get("aligned", ""))
     result = {"gene": str(out), **gene.selection, "seconds": round(time.perf_counter() - start, 2)}
     scores = gene.selection["scores"][args.scorer]
     print_result(args, result, "layer  " + "  ".join(f"{k:>7}" for k in scores) + "\n"
@@ -107,7 +123,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from safegene_fast.eval.generate import REFUSAL as GENERIC_REFUSAL
     from safegene_fast.eval.generate import chat, load_model
     from safegene_fast.gene import SafetyGene
-    from safegene_fast.io import write_json
+    from safegene_fast.io import together, write_json
     from safegene_fast.method import recalibrate as rc
     from safegene_fast.models import toy
     check_outputs(args, [args.model, args.gene], files=[args.out, args.log, args.plot])
@@ -120,17 +136,20 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     model, tokenizer = load_model(args.model)
     shots = rc.FewShot(chat(tokenizer, harmful[:args.shots]), refusal, chat(tokenizer, task[:args.shots]))
+    check_prompts(args, model, tokenizer, [(shots.harmful, args.harmful, "harmful prompts"),
+                                           (shots.task, args.task_prompts, "task prompts")],
+                  generated=rc.MAX_NEW_TOKENS, continuations=(refusal,))
     layers = gene.selected_layers
     options = {"steps": args.steps, "lr": args.lr} if args.mode == "gradient" else {}
     cal = rc.recalibrate(model, tokenizer, gene, shots, layers=layers, mode=args.mode, alpha_max=args.alpha_max,
                          per_module=args.per_module, progress=not args.quiet, **options)
     seconds = time.perf_counter() - start
-    # the coefficients last: a failing plot or log leaves no coefficients file that looks finished
-    if args.plot:
-        rc.plot_tradeoff(rc.tradeoff_curve(model, tokenizer, gene, cal.coefficients, shots), args.plot)
-    if args.log:
-        write_json(args.log, {"mode": cal.mode, "log": cal.log}, overwrite=args.overwrite)
-    write_json(args.out, cal.coefficients, overwrite=args.overwrite)
+    with together():  # the coefficients, the log and the plot appear together, or none does
+        if args.plot:
+            rc.plot_tradeoff(rc.tradeoff_curve(model, tokenizer, gene, cal.coefficients, shots), args.plot)
+        if args.log:
+            write_json(args.log, {"mode": cal.mode, "log": cal.log}, overwrite=args.overwrite)
+        write_json(args.out, cal.coefficients, overwrite=args.overwrite)
     result = {"coefficients": cal.coefficients, "mode": cal.mode, "layers": layers, "shots": len(shots.harmful),
               "seconds": round(seconds, 2), "out": args.out}
     print_result(args, result, f"recalibrated {len(cal.coefficients)} coefficients ({cal.mode}, "

@@ -81,7 +81,8 @@ def add_engine_options(p: argparse.ArgumentParser, *, shards: bool = True, nonfi
                        help=f"largest output shard, e.g. 5GB or 500MB (default {default})")
     if nonfinite:
         p.add_argument("--allow-nonfinite", action="store_true",
-                       help="zero NaN/Inf entries of a delta (with a warning) instead of stopping")
+                       help="go on past NaN/Inf values (with a warning) instead of stopping: a delta's are "
+                       "zeroed, the model's own are kept")
     add_output_options(p, json_help="print a JSON summary (times, bytes, peak RSS) on stdout",
                        overwrite="replace OUT if it exists" if overwrite else None)
 

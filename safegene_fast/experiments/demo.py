@@ -26,7 +26,7 @@ from safegene_fast.experiments.common import (
     provenance,
     within,
 )
-from safegene_fast.io import save_figure, write_json
+from safegene_fast.io import save_figure, together, write_json
 from safegene_fast.method.baselines import best_resta, gene_global
 from safegene_fast.method.recalibrate import (
     FewShot,
@@ -162,8 +162,9 @@ def run_demo(preset: str = "default", seed: int = 0, out: str | Path = "safegene
     result["checks"] = checks(result)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result.update(started)
-    plot_methods(result, out / "methods.png")
-    write_json(out / "demo.json", result)
+    with together():  # the run's results appear together, or none does
+        plot_methods(result, out / "methods.png")
+        write_json(out / "demo.json", result)
     return result
 
 

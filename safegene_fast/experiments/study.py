@@ -44,7 +44,7 @@ from safegene_fast.experiments.common import (
     provenance,
     within,
 )
-from safegene_fast.io import remove, save_figure, write_json
+from safegene_fast.io import remove, save_figure, together, write_json
 from safegene_fast.method.baselines import best_resta, gene_global
 from safegene_fast.method.recalibrate import FewShot, gradient
 from safegene_fast.method.selection import plot_scores, select_layers
@@ -145,8 +145,10 @@ def rates(row: dict) -> dict:
 
 
 def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-study", *,
-              rebuild: bool = False, progress: bool = True, command: str | None = None) -> dict:
-    """The study; ``command`` is recorded in the result (default: this process's argv)."""
+              rebuild: bool = False, progress: bool = True, command: str | None = None,
+              json_out: str | Path | None = None) -> dict:
+    """The study; ``command`` is recorded in the result (default: this process's argv). The result
+    goes to ``out``/study.json and, if given, to ``json_out`` as well."""
     if preset not in SETTINGS:
         raise ValueError(f"unknown study preset {preset!r}; presets: {', '.join(SETTINGS)}.")
     s = SETTINGS[preset]
@@ -243,8 +245,11 @@ def run_study(preset: str = "study", seed: int = 0, out: str | Path = "safegene-
     result["checks"] = checks(result, s)
     result["seconds"] = round(time.perf_counter() - start, 1)
     result.update({**started, "date": now()})
-    plot_study(result, out / "study.png")
-    write_json(out / "study.json", result)
+    with together():  # the run's results appear together, or none does
+        plot_study(result, out / "study.png")
+        write_json(out / "study.json", result)
+        if json_out:
+            write_json(json_out, result)
     return result
 
 

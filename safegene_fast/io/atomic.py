@@ -8,6 +8,11 @@ moment is there neither the old nor the new output.
     with atomic_file(path) as f: f.write(...)            # text; mode="wb" for bytes
     write_json(path, obj)
     with atomic_folder(out, overwrite=True) as tmp: ...  # fill tmp; it becomes out on exit
+    with together(): ...                                 # every output of the block, or none
+
+Outputs finished inside ``together()`` wait, complete, under their temporary names and are put
+in place together when the block ends without error; on an error none of them appears and any
+earlier outputs they were to replace stay as they were.
 
 No output path can destroy an input: ``check_output`` (run by each of these before any byte
 moves) refuses an output that is, holds or lies inside one of the run's inputs, one that holds the
@@ -23,6 +28,8 @@ import os
 import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
 
 # What makes an existing folder one the tool may replace: it holds a checkpoint or an adapter.
@@ -173,15 +180,10 @@ def atomic_file(target: str | os.PathLike, mode: str = "w", *, overwrite: bool =
             yield f
             f.flush()
             os.fsync(f.fileno())
-        if overwrite:
-            os.replace(tmp, target)
-        else:  # a hard link fails if another run made the file meanwhile: it is never replaced
-            try:
-                os.link(tmp, target)
-            except FileExistsError:
-                raise OutputExistsError(target) from None
-    finally:
+    except BaseException:
         tmp.unlink(missing_ok=True)
+        raise
+    _commit(_Finished(tmp, target, overwrite, folder=False))
 
 
 def write_text(target: str | os.PathLike, text: str, **kw) -> Path:
@@ -220,25 +222,113 @@ def atomic_folder(target: str | os.PathLike, *, overwrite: bool = False, inputs=
     (an existing ``target`` is replaced only with ``overwrite``; see ``check_output``), on any
     error removed."""
     target, tmp = prepare_folder(target, inputs, overwrite=overwrite, markers=markers)
+    # files written into tmp are parts of this folder, not outputs of a ``together()`` block
+    outside = _finished_together.set(None)
     try:
         yield tmp
-        commit_folder(tmp, target, overwrite=overwrite)
-    finally:
+    except BaseException:
         remove(tmp)
+        raise
+    finally:
+        _finished_together.reset(outside)
+    commit_folder(tmp, target, overwrite=overwrite)
 
 
 def commit_folder(tmp: Path, target: Path, *, overwrite: bool) -> None:
-    """Renames the finished folder ``tmp`` to ``target``: the old ``target`` (with ``overwrite``)
-    is moved aside first and removed only once the new one is in place."""
+    """Puts the finished folder ``tmp`` in place as ``target`` (see ``_Finished``)."""
     fsync_dir(tmp)
-    old = None
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise OutputExistsError(target)
-        old = temp_sibling(target, "old")
-        remove(old)
-        target.rename(old)
-    tmp.rename(target)
-    fsync_dir(target.parent)
-    if old is not None:
-        remove(old)
+    _commit(_Finished(tmp, target, overwrite, folder=True))
+
+
+@dataclass
+class _Finished:
+    """A complete output under its temporary name, waiting to be put in place."""
+    tmp: Path
+    target: Path
+    overwrite: bool
+    folder: bool
+    old: Path | None = None  # where the output it replaces was moved aside
+
+    def put_in_place(self) -> None:
+        """The old output (with ``overwrite``) is moved aside, then the new one renamed in: at no
+        moment is there neither. A file is linked in, so one another run made meanwhile is never
+        replaced."""
+        if self.target.exists() or self.target.is_symlink():
+            if not self.overwrite:
+                raise OutputExistsError(self.target)
+            self.old = temp_sibling(self.target, "old")
+            remove(self.old)
+            self.target.rename(self.old)
+        if self.folder:
+            self.tmp.rename(self.target)
+        else:
+            try:
+                os.link(self.tmp, self.target)
+            except FileExistsError:
+                raise OutputExistsError(self.target) from None
+            self.tmp.unlink()
+        fsync_dir(self.target.parent)
+
+    def take_back(self) -> None:
+        """Undoes ``put_in_place``: the new output removed, the old one back."""
+        remove(self.target)
+        if self.old is not None:
+            self.old.rename(self.target)
+            self.old = None
+
+    def finish(self) -> None:
+        if self.old is not None:
+            remove(self.old)
+
+    def discard(self) -> None:
+        remove(self.tmp)
+
+
+# The outputs a ``together()`` block has finished so far; None outside such a block.
+_finished_together: ContextVar[list[_Finished] | None] = ContextVar("finished_together", default=None)
+
+
+def _commit(output: _Finished) -> None:
+    pending = _finished_together.get()
+    if pending is None:
+        _put_all_in_place([output])
+    else:
+        pending.append(output)
+
+
+def _put_all_in_place(outputs: list[_Finished]) -> None:
+    placed = []
+    try:
+        for output in outputs:
+            output.put_in_place()
+            placed.append(output)
+    except BaseException:  # a signal too: every output goes back to how it was
+        for output in reversed(placed):
+            output.take_back()
+        for output in outputs:
+            output.discard()
+        raise
+    for output in outputs:
+        output.finish()
+
+
+@contextmanager
+def together() -> Iterator[None]:
+    """Every output finished in the block appears when the block ends without error, or none does.
+
+    An output cannot be read back inside the block (it is still under its temporary name). In a
+    nested block the outermost one puts them in place."""
+    if _finished_together.get() is not None:
+        yield
+        return
+    pending: list[_Finished] = []
+    token = _finished_together.set(pending)
+    try:
+        yield
+    except BaseException:
+        for output in pending:
+            output.discard()
+        raise
+    finally:
+        _finished_together.reset(token)
+    _put_all_in_place(pending)

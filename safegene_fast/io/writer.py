@@ -34,12 +34,18 @@ from safegene_fast.io.reader import (
 
 DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes of tensor data per shard, as transformers' save_pretrained
 
-# Files copied from the source model so the output loads like it (transformers, tokenizers).
-COMPANION_FILES = (
-    "config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
-    "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt",
-    "added_tokens.json", "chat_template.jinja",
-)
+# Weights and their indexes stay behind: the output has its own, and a pickle must not ride along.
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".pkl", ".npz",
+                   ".safetensors.index.json", ".bin.index.json")
+
+
+def companion_files(folder: str | os.PathLike) -> list[Path]:
+    """The files that travel with a model's weights, so the output loads and is licensed like it
+    (config, generation config, tokenizer, processor, chat template, license, notice, use policy,
+    model card ...): every regular file at the folder's top but weights, indexes and hidden files."""
+    folder = Path(folder)
+    return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
+                  and not f.name.endswith(WEIGHT_SUFFIXES))
 
 
 @dataclass(frozen=True)
@@ -92,13 +98,20 @@ class ShardedWriter:
     """
 
     def __init__(self, out: str | os.PathLike, tensors: list[Planned], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 copy_from: str | os.PathLike | None = None, overwrite: bool = False, inputs=()):
+                 copy_from: str | os.PathLike | None = None, overwrite: bool = False, inputs=(),
+                 extra_files: dict[str, str] | None = None):
         if max_shard_size <= 0:
             raise CheckpointError(f"max shard size must be positive, got {max_shard_size}.")
+        tensors = list(tensors)
+        unstorable = next((t for t in tensors if t.dtype not in DTYPE_NAMES), None)
+        if unstorable is not None:  # before the temporary folder is made
+            raise CheckpointError(f"{out}: tensor {unstorable.name!r} is {unstorable.dtype}, which safetensors "
+                                  f"cannot store.")
         self.out, self.tmp = prepare_folder(out, [*inputs, *([copy_from] if copy_from else [])], overwrite=overwrite)
         self.overwrite = overwrite
         self.copy_from = Path(copy_from) if copy_from else None
-        self.shards = plan_shards(list(tensors), max_shard_size)
+        self.extra_files = dict(extra_files or {})  # name -> text, written over a copied file of that name
+        self.shards = plan_shards(tensors, max_shard_size)
         n = len(self.shards)
         self.shard_names = [SINGLE_NAME] if n == 1 else [
             f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
@@ -210,9 +223,10 @@ class ShardedWriter:
             self._open_shard(0)
         self._close_shard()
         if self.copy_from is not None:
-            for name in COMPANION_FILES:
-                if (self.copy_from / name).is_file():
-                    shutil.copyfile(self.copy_from / name, self.tmp / name)
+            for file in companion_files(self.copy_from):
+                shutil.copyfile(file, self.tmp / file.name)
+        for name, text in self.extra_files.items():
+            (self.tmp / name).write_text(text, encoding="utf-8")
         if len(self.shards) > 1:
             total = sum(t.nbytes for t in self.order)
             weight_map = {t.name: self.shard_names[i] for i, s in enumerate(self.shards) for t in s}

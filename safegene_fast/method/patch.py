@@ -11,7 +11,21 @@ from contextlib import contextmanager
 
 import torch
 
+from safegene_fast.eval.generate import ModelError, check_factors_fit
 from safegene_fast.gene import SafetyGene
+
+
+def check_fits(model: torch.nn.Module, gene: SafetyGene, layers: list[int] | None = None) -> None:
+    """The gene's factors for ``layers`` (default: all its layers) fit ``model``: the gene has
+    those layers, and the model has each of their modules with the factors' shape."""
+    source = str(gene.folder) if gene.folder is not None else "the gene"
+    layers = gene.layers if layers is None else layers
+    absent = sorted(set(layers) - set(gene.layers))
+    if absent:
+        raise ModelError(f"{source}: layer {absent[0]} is not one of the gene's layers "
+                         f"({', '.join(map(str, gene.layers))}).")
+    check_factors_fit(model, {name: (m.B.shape[0], m.A.shape[1]) for name, m in gene.modules.items()
+                              if m.layer in layers}, source, "gene")
 
 
 class GenePatch:
@@ -26,10 +40,8 @@ class GenePatch:
                  per_module: bool = False):
         named = dict(model.named_modules())
         self.layers = list(gene.layers if layers is None else layers)
+        check_fits(model, gene, self.layers)
         self.modules = [name for name, m in gene.modules.items() if m.layer in self.layers]
-        missing = [name for name in self.modules if name not in named]
-        if missing:
-            raise ValueError(f"the model has no module {missing[0]!r}, which the gene targets.")
         self.keys = self.modules if per_module else [str(layer) for layer in self.layers]
         self.alpha = torch.zeros(len(self.keys), dtype=torch.float64)
         self._model, self._gene, self._named, self._per_module = model, gene, named, per_module

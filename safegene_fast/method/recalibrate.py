@@ -27,7 +27,9 @@ from safegene_fast.eval.generate import (
     right_padded,
 )
 from safegene_fast.io import save_figure
-from safegene_fast.method.patch import GenePatch, frozen
+from safegene_fast.method.patch import GenePatch, check_fits, frozen
+
+MAX_NEW_TOKENS = 16  # the length of the target's own answers on task prompts (and of judged answers)
 
 
 @dataclass
@@ -82,7 +84,7 @@ def _refusal_ids(tokenizer, model, refusal: str) -> list[int]:
 
 def gradient(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha_max: float = 2.0,
              steps: int = 40, lr: float = 0.1, task_weight: float = 1.0, init: float = 0.0,
-             per_module: bool = False, max_new_tokens: int = 16, batch: int | None = None,
+             per_module: bool = False, max_new_tokens: int = MAX_NEW_TOKENS, batch: int | None = None,
              progress: bool = False) -> Recalibrated:
     """Adam on the coefficients: refusal NLL + task_weight * self-distillation NLL (each summed
     over a continuation, averaged over prompts), projected onto [0, alpha_max] after each step.
@@ -130,7 +132,8 @@ def judge_score(model, tokenizer, shots: FewShot, own: list[str], max_new_tokens
 
 
 def grid(model, tokenizer, gene, layers: list[int], shots: FewShot, *, alpha_max: float = 2.0,
-         points: int = 9, per_module: bool = False, max_new_tokens: int = 16, progress: bool = False) -> Recalibrated:
+         points: int = 9, per_module: bool = False, max_new_tokens: int = MAX_NEW_TOKENS,
+         progress: bool = False) -> Recalibrated:
     """Gradient-free: the best global scale on a grid, then one pass over the layers trying
     0, 0.5x, 1.5x and 2x of it. Score: harmful rate + share of task answers changed (lower is
     better; ties keep the smaller coefficients)."""
@@ -176,11 +179,14 @@ def recalibrate(model, tokenizer, gene, shots: FewShot, *, layers: list[int] | N
     if not (isinstance(alpha_max, (int, float)) and math.isfinite(alpha_max) and alpha_max > 0):
         raise ValueError(f"the coefficients' upper bound must be a positive number, not {alpha_max!r}: a negative "
                          f"coefficient subtracts the gene.")
-    return SEARCHES[mode](model, tokenizer, gene, gene.selected_layers if layers is None else layers, shots, **options)
+    layers = gene.selected_layers if layers is None else layers
+    check_fits(model, gene, layers)  # before the target's own answers are generated
+    return SEARCHES[mode](model, tokenizer, gene, layers, shots, **options)
 
 
 def tradeoff_curve(model, tokenizer, gene, coefficients: dict[str, float], shots: FewShot, *,
-                   multipliers=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0), max_new_tokens: int = 16) -> list[dict]:
+                   multipliers=(0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5, 2.0),
+                   max_new_tokens: int = MAX_NEW_TOKENS) -> list[dict]:
     """Harmful rate and task answers changed on the few-shot data as the recalibrated
     coefficients are scaled by each multiplier (1 = as recalibrated)."""
     per_module = any(not k.isdigit() for k in coefficients)

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 import torch
 
-from safegene_fast.eval.generate import refusal_margin
+from safegene_fast.eval.generate import ModelError, model_name, refusal_margin
 from safegene_fast.io import save_figure
-from safegene_fast.method.patch import GenePatch, frozen
+from safegene_fast.method.patch import GenePatch, check_fits, frozen
 
 SCORERS = ("contrast", "patch", "slope", "combined")
 
@@ -91,6 +91,22 @@ def combine(*scores: list[float]) -> list[float]:
     return torch.stack(scaled).mean(0).tolist()
 
 
+def check_same_family(aligned, degraded: list) -> None:
+    """Every degraded model has the aligned model's parameters, shape for shape: their hidden
+    states are compared layer by layer, and the gene is patched into them."""
+    shapes = {name: list(p.shape) for name, p in aligned.named_parameters()}
+    for model in degraded:
+        theirs = {name: list(p.shape) for name, p in model.named_parameters()}
+        for name in [*shapes, *(n for n in theirs if n not in shapes)]:
+            if shapes.get(name) != theirs.get(name):
+                mine, other = model_name(model), f"the aligned model {model_name(aligned)}"
+                problem = (f"parameter {name!r} is {theirs[name]} here but {shapes[name]} in {other}"
+                           if name in theirs and name in shapes else
+                           f"has parameter {name!r}, which {other} does not have" if name in theirs else
+                           f"has no parameter {name!r}, which {other} has")
+                raise ModelError(f"{mine}: {problem}; a degraded model must be of the aligned model's family.")
+
+
 def choose(scores: dict[int, float], k: int | None = None, threshold: float | None = None) -> list[int]:
     """The top ``k`` layers by score, or those scoring at least ``threshold`` (sorted by index)."""
     if (k is None) == (threshold is None):
@@ -111,6 +127,8 @@ def select_layers(gene, aligned, degraded: list, tokenizer, harmful: list[str], 
     ``SafetyGene.selection`` stores (scorer, every score, the layers kept)."""
     if scorer not in SCORERS:
         raise ValueError(f"unknown scorer {scorer!r}; use one of {', '.join(SCORERS)}.")
+    check_same_family(aligned, degraded)  # then the gene fits them all if it fits the aligned model
+    check_fits(aligned, gene)  # before any pass: a gene from another family fails deep inside one
     layers = gene.layers
     contrast = activation_contrast(aligned, degraded, tokenizer, harmful, harmless)
     scores = {"contrast": [contrast[layer] for layer in layers]}
