@@ -24,6 +24,7 @@ except ImportError as exc:  # pragma: no cover - only without a build
 _ops = torch.ops.safegene_fast
 
 Tensors = torch.Tensor | Sequence[torch.Tensor]
+KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # what the kernels read and write
 
 
 def build_info() -> dict:

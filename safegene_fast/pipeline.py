@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from safegene_fast import ops
+from safegene_fast.ops import KERNEL_DTYPES  # tensors of any other dtype are copied, never merged
 from safegene_fast._version import __version__
 from safegene_fast.card import CARD_NAME, model_card
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
@@ -36,8 +37,6 @@ DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
 MAX_POWER_ITERS = 20   # each is two passes over the delta; past a few the factors stop changing
 MAX_OVERSAMPLE = 512
 PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
-# The dtypes the engine's kernels take; tensors of any other dtype are copied, never merged.
-KERNEL_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def _pattern(text: str) -> re.Pattern:
@@ -167,15 +166,6 @@ class _NonFiniteTally:
             error.warn()
 
 
-def _fingerprint(ckpt: Checkpoint) -> str:
-    """sha256 of the checkpoint's headers (names, shapes, dtypes, offsets) and index."""
-    h = hashlib.sha256()
-    for name in sorted(ckpt.tensors):
-        info = ckpt.tensors[name]
-        h.update(f"{name}|{info.dtype}|{info.shape}|{info.file.name}|{info.offset}\n".encode())
-    return h.hexdigest()
-
-
 def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, rank: int | None = None,
             energy: float | None = None, max_rank: int | None = None, oversample: int = 8,
             power_iters: int = 2, seed: int = 0, include: str | None = None, exclude: str | None = None,
@@ -194,12 +184,14 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
     with ExitStack() as stack:
         a_ckpt = stack.enter_context(Checkpoint(aligned))
         d_ckpts = [stack.enter_context(Checkpoint(p)) for p in degraded]
-        check_same_layout(a_ckpt, *d_ckpts)
+        check_same_layout(a_ckpt, *d_ckpts, interchangeable=KERNEL_DTYPES)
         names = select_modules(a_ckpt, include, exclude)
         if not names:
             raise CheckpointError(f"{aligned}: no tensor matches the module selection.")
         modules, nonfinite = {}, 0
-        readers = [c.iter_tensors(names, ring=2) for c in (a_ckpt, *d_ckpts)]
+        # what the gene was made from: the content of the tensors read, hashed as they stream by
+        digests = [hashlib.sha256() for _ in (a_ckpt, *d_ckpts)]
+        readers = [c.iter_tensors(names, ring=2, digest=h) for c, h in zip((a_ckpt, *d_ckpts), digests)]
         total_bytes = sum(a_ckpt.tensors[n].nbytes for n in names)
         with Progress("extract", total_bytes, len(names), progress) as bar:
             for items in zip(*readers):
@@ -218,8 +210,7 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
                 bar.advance(a_ckpt.tensors[name].nbytes)
         provenance = {
             "aligned": str(aligned), "degraded": [str(p) for p in degraded],
-            "sha256": {str(aligned): _fingerprint(a_ckpt),
-                       **{str(p): _fingerprint(c) for p, c in zip(degraded, d_ckpts)}},
+            "sha256": {str(p): h.hexdigest() for p, h in zip([aligned, *degraded], digests)},
             "settings": {"rank": rank, "energy": energy, "max_rank": max_rank, "oversample": oversample,
                          "power_iters": power_iters, "seed": seed, "include": include or DEFAULT_INCLUDE,
                          "exclude": exclude, "allow_nonfinite": allow_nonfinite},
@@ -311,7 +302,7 @@ def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: s
     with Checkpoint(model) as ckpt:
         _check_gene_fits(model, ckpt, gene)
         card = protected_card(model, gene, coeffs, "peft", ckpt.folder)
-    return gene.save(out, overwrite=overwrite, base_model=str(Path(model).resolve()), coeffs=coeffs,
+    return gene.save(out, overwrite=overwrite, base_model=model_reference(model), coeffs=coeffs,
                      inputs=[model, *gene_inputs(gene)], card=card)
 
 
@@ -322,6 +313,11 @@ def protected_card(model, gene: SafetyGene, coeffs: dict[str, float] | float, ki
     layers = sorted({gene.modules[name].layer for name in applied if gene.modules[name].layer is not None})
     return model_card(target=model, kind=kind, gene_provenance=gene.provenance, modules=len(applied),
                       layers=layers, coeffs=coeffs, source_folder=folder)
+
+
+def model_reference(model: str | os.PathLike) -> str:
+    """How an adapter names its base model: a local folder by its absolute path, a Hub id as it is."""
+    return str(Path(model).resolve()) if Path(model).exists() else str(model)
 
 
 def gene_inputs(gene: SafetyGene) -> list[Path]:
@@ -367,7 +363,7 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
     with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt, \
             ThreadPoolExecutor(max_workers=1) as prefetcher:
         ckpts = (t_ckpt, a_ckpt, d_ckpt)
-        check_same_layout(t_ckpt, a_ckpt, d_ckpt)
+        check_same_layout(t_ckpt, a_ckpt, d_ckpt, interchangeable=KERNEL_DTYPES)
         plan = [Planned(n, i.dtype, i.shape) for n, i in t_ckpt.tensors.items()]
         names = [p.name for p in plan]
         ring = _PieceRing()

@@ -28,7 +28,7 @@ def checkpoint_bytes(path, names=None) -> int:
 
 
 def cmd_extract(args: argparse.Namespace) -> int:
-    from safegene_fast.pipeline import extract
+    from safegene_fast.pipeline import extract, model_reference
     if args.energy is not None and not 0 < args.energy <= 1:
         raise UsageError(f"--energy must be in (0, 1], got {args.energy}.")
     inputs = [args.aligned, *args.degraded]
@@ -39,7 +39,8 @@ def cmd_extract(args: argparse.Namespace) -> int:
                    oversample=args.oversample, power_iters=args.power_iters, seed=args.seed,
                    include=args.include, exclude=args.exclude, device=args.device,
                    allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
-    gene.save(args.out, overwrite=args.overwrite, base_model=str(Path(args.aligned).resolve()), inputs=inputs)
+    gene.save(args.out, overwrite=args.overwrite, base_model=model_reference(args.aligned),
+              inputs=inputs)
     seconds = time.perf_counter() - start
     ranks = [m.rank for m in gene.modules.values()]
     energies = [m.energy for m in gene.modules.values()]

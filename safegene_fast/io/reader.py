@@ -10,9 +10,11 @@ hands back with ``release`` once used: either way resident memory stays bounded 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import mmap
 import os
+import re
 import struct
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -137,9 +139,11 @@ class Checkpoint:
     """An opened, validated checkpoint. Use as a context manager to close its shard handles."""
 
     def __init__(self, path: str | os.PathLike):
+        if not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"a checkpoint is a path or a Hub model id, not {type(path).__name__} {path!r}.")
         self.path = Path(path)
         if not self.path.exists():
-            raise CheckpointError(f"{self.path}: no such file or folder.")
+            self.path = from_hub_cache(str(path))
         self.folder = self.path if self.path.is_dir() else self.path.parent
         self.tensors: dict[str, TensorInfo] = {}
         self.metadata: dict[str, str] = {}
@@ -183,6 +187,12 @@ class Checkpoint:
             return shards
         if (self.folder / SINGLE_NAME).is_file():
             return [self._inside(self.folder / SINGLE_NAME, self.folder)]
+        pickles = sorted(f.name for f in self.folder.glob("*.bin"))
+        if pickles:
+            raise CheckpointError(
+                f"{self.folder}: holds PyTorch pickle weights ({pickles[0]}), which can run code when loaded, and no "
+                f"safetensors; convert it once with transformers: AutoModelForCausalLM.from_pretrained(folder)"
+                f".save_pretrained(new_folder).")
         raise CheckpointError(f"{self.folder}: no {SINGLE_NAME} or {INDEX_NAME} in this folder.")
 
     def _inside(self, shard: Path, where: Path) -> Path:
@@ -282,7 +292,8 @@ class Checkpoint:
         if info.nbytes:
             os.posix_fadvise(self._fd(info.file), info.offset, info.nbytes, os.POSIX_FADV_WILLNEED)
 
-    def iter_tensors(self, names: Iterable[str], ring: int = 0) -> Iterator[tuple[str, torch.Tensor]]:
+    def iter_tensors(self, names: Iterable[str], ring: int = 0,
+                     digest: hashlib._Hash | None = None) -> Iterator[tuple[str, torch.Tensor]]:
         """Yields (name, tensor) in order, reading the next tensor while the caller works.
 
         ``ring=0``: every tensor in fresh memory. ``ring=n`` (2 or more): the tensors live in n
@@ -291,6 +302,9 @@ class Checkpoint:
         before the next, 3 to write one out in the background (``ShardedWriter``) while the next
         is computed on and the one after is read. Reused buffers save the kernel zero-filling
         and page-faulting fresh memory for every tensor.
+
+        ``digest`` (a hashlib object) is fed each tensor's name, dtype, shape and bytes as it is
+        read, in the reading thread: a fingerprint of the content at no extra read.
         """
         if ring == 1 or ring < 0:
             raise ValueError("ring must be 0 (fresh memory) or at least 2 (one read ahead).")
@@ -299,12 +313,18 @@ class Checkpoint:
 
         def read(i: int) -> torch.Tensor:
             if not ring:
-                return self.read(names[i])
-            slot, nbytes = i % ring, self.tensors[names[i]].nbytes
-            if buffers[slot].numel() < nbytes:
-                buffers[slot] = torch.empty(0, dtype=torch.uint8)  # free the small one first
-                buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
-            return self.read(names[i], into=buffers[slot])
+                tensor = self.read(names[i])
+            else:
+                slot, nbytes = i % ring, self.tensors[names[i]].nbytes
+                if buffers[slot].numel() < nbytes:
+                    buffers[slot] = torch.empty(0, dtype=torch.uint8)  # free the small one first
+                    buffers[slot] = torch.empty(nbytes, dtype=torch.uint8)
+                tensor = self.read(names[i], into=buffers[slot])
+            if digest is not None:
+                info = self.tensors[names[i]]
+                digest.update(f"{info.name}|{DTYPE_NAMES[info.dtype]}|{list(info.shape)}\n".encode())
+                digest.update(memoryview(tensor.reshape(-1).view(torch.uint8).numpy()))
+            return tensor
 
         # read(i + 1) starts when tensor i is asked for: its slot held tensor i + 1 - ring, which
         # the caller is done with by then.
@@ -328,14 +348,34 @@ class Checkpoint:
         self.close()
 
 
-def check_same_layout(reference: Checkpoint, *others: Checkpoint) -> None:
-    """Every checkpoint of one run must hold the same tensor names, shapes and dtypes."""
+HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+def from_hub_cache(name: str) -> Path:
+    """The folder of Hub model ``name`` (``org/model``) in the local Hugging Face cache (``HF_HOME``,
+    ``HF_HUB_CACHE``), never downloaded: a run reads only what is on this machine."""
+    if not HUB_ID.fullmatch(name) or ".." in name:
+        raise CheckpointError(f"{name}: no such file or folder.")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+    try:
+        return Path(snapshot_download(name, local_files_only=True))
+    except (LocalEntryNotFoundError, HFValidationError, OSError):
+        raise CheckpointError(f"{name}: no such folder, and no Hub model of that id in the local cache; download it "
+                              f"first (hf download {name}).") from None
+
+
+def check_same_layout(reference: Checkpoint, *others: Checkpoint, interchangeable=()) -> None:
+    """Every checkpoint of one run must hold the same tensor names, shapes and dtypes; a tensor
+    may be of one dtype here and another there when both are ``interchangeable`` (the float dtypes
+    the kernels read, which do their math in float32 whatever the inputs)."""
     for other in others:
         for name, info in reference.tensors.items():
             theirs = other.tensors.get(name)
             if theirs is None:
                 raise CheckpointError(f"{other.path}: has no tensor {name!r}, which {reference.path} has.")
-            if theirs.shape != info.shape or theirs.dtype != info.dtype:
+            mixed = theirs.dtype in interchangeable and info.dtype in interchangeable
+            if theirs.shape != info.shape or (theirs.dtype != info.dtype and not mixed):
                 raise CheckpointError(
                     f"{other.path}: tensor {name!r} is {theirs.dtype} {list(theirs.shape)} but in "
                     f"{reference.path} it is {info.dtype} {list(info.shape)}.")
