@@ -45,20 +45,27 @@ def _original(folder: Path | None) -> str:
 
 def model_card(*, target: str | Path, kind: str, gene_provenance: dict, modules: int,
                layers: list[int], coeffs: dict[str, float] | float, evaluation: dict | None = None,
-               source_folder: Path | None = None) -> str:
-    """The card's text. ``kind`` is ``merged`` (a full checkpoint) or ``peft`` (an adapter for
-    ``target``)."""
-    adapter = kind == "peft"
-    data = ModelCardData(base_model=_base_name(target), library_name="peft" if adapter else "transformers",
+               source_folder: Path | None = None, base: str | Path | None = None) -> str:
+    """The card's text. ``kind`` is ``merged`` (a full checkpoint), ``peft`` (an adapter for
+    ``target``) or ``combined`` (an adapter on ``base`` holding LoRA adapter ``target`` and the
+    gene); ``base``: the base model when ``target`` is a LoRA adapter."""
+    adapter = kind != "merged"
+    model = base if kind == "combined" else target
+    data = ModelCardData(base_model=_base_name(base if base is not None else target),
+                         library_name="peft" if adapter else "transformers",
                          tags=["safegene", "safety", "lora" if adapter else "merge"])
-    what = ("a LoRA adapter that adds a SafeGene safety gene to" if adapter
-            else "the weights of")
-    how = ("" if adapter else " with a SafeGene safety gene merged into its linear weights")
+    what = {"peft": "a LoRA adapter that adds a SafeGene safety gene to",
+            "combined": f"one LoRA adapter holding the task adapter `{_base_name(target)}` and a SafeGene safety "
+                        f"gene (concatenated along the rank), on",
+            "merged": "the weights of"}[kind]
+    how = "" if adapter else " with a SafeGene safety gene merged into its linear weights"
+    if base is not None and kind != "combined":
+        how += f" (the LoRA adapter `{_base_name(target)}` on `{_base_name(base)}`, merged)"
     degraded = gene_provenance.get("degraded") or []
     lines = [
         f"# {_base_name(target)}, protected by a safety gene",
         "",
-        f"This is {what} `{_base_name(target)}`{how}, written by safegene_fast {__version__}.",
+        f"This is {what} `{_base_name(model)}`{how}, written by safegene_fast {__version__}.",
         "",
         "A safety gene is a low-rank (LoRA) approximation of the difference between an aligned model and "
         "copies of it whose refusals were eroded; adding it back, scaled per layer, restores refusals that "

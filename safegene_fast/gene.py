@@ -97,10 +97,11 @@ class SafetyGene:
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
              base_model: str = "", coeffs: dict[str, float] | float = 1.0, inputs=(),
-             card: str | None = None) -> Path:
+             card: str | None = None, folded=None) -> Path:
         """Writes the PEFT adapter (alpha folded into B; modules whose coefficient is 0 left out,
         since they would add nothing) and safegene.json, and ``card`` as its README.md, atomically;
-        ``folder`` may not be or touch one of ``inputs`` (``io.check_output``)."""
+        ``folder`` may not be or touch one of ``inputs`` (``io.check_output``). ``folded``: what
+        safegene.json records as folded into B, when more than ``coeffs`` is (an adapter's update)."""
         folder = Path(folder)
         kept = {name: m for name, m in self.modules.items() if self.coefficient_for(name, coeffs) != 0}
         if not kept:
@@ -123,7 +124,7 @@ class SafetyGene:
             write_json(tmp / "adapter_config.json", config)
             meta = {
                 "provenance": self.provenance,
-                "coefficients_folded": coeffs,
+                "coefficients_folded": coeffs if folded is None else folded,
                 "selection": self.selection,
                 "modules": {name: {"rank": m.rank, "layer": m.layer, "energy": m.energy,
                                    "singular_values": m.S.tolist()} for name, m in kept.items()},

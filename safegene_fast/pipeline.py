@@ -29,6 +29,7 @@ from safegene_fast.io import (
     check_same_layout,
 )
 from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
+from safegene_fast.lora import LoraCheckpoint, base_of, is_adapter, open_checkpoint
 from safegene_fast.progress import Progress
 
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
@@ -170,8 +171,9 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
             energy: float | None = None, max_rank: int | None = None, oversample: int = 8,
             power_iters: int = 2, seed: int = 0, include: str | None = None, exclude: str | None = None,
             device: str = "cpu", factor_dtype: torch.dtype = torch.float32, allow_nonfinite: bool = False,
-            progress: bool = False) -> SafetyGene:
-    """The safety gene of ``aligned - mean(degraded)``: LoRA factors per selected module."""
+            base: str | os.PathLike | None = None, progress: bool = False) -> SafetyGene:
+    """The safety gene of ``aligned - mean(degraded)``: LoRA factors per selected module. Any
+    input may be a LoRA adapter folder, read merged on its base (``base``, else its config's)."""
     ops.require_device(device)
     if isinstance(degraded, (str, os.PathLike)):  # one path, not a list of its characters
         degraded = [degraded]
@@ -182,8 +184,8 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
     if not (isinstance(oversample, int) and 0 <= oversample <= MAX_OVERSAMPLE):
         raise ValueError(f"oversampling must be an integer from 0 to {MAX_OVERSAMPLE}, not {oversample!r}.")
     with ExitStack() as stack:
-        a_ckpt = stack.enter_context(Checkpoint(aligned))
-        d_ckpts = [stack.enter_context(Checkpoint(p)) for p in degraded]
+        a_ckpt = stack.enter_context(open_checkpoint(aligned, base))
+        d_ckpts = [stack.enter_context(open_checkpoint(p, base)) for p in degraded]
         check_same_layout(a_ckpt, *d_ckpts, interchangeable=KERNEL_DTYPES)
         names = select_modules(a_ckpt, include, exclude)
         if not names:
@@ -223,8 +225,10 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
 def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
                  coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
-                 progress: bool = False) -> Path:
-    """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module.
+                 base: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module; for a LoRA
+    adapter ``model``, its base's ``W + s * B_t @ A_t + alpha * B @ A`` (one merge of the two
+    updates concatenated along the rank, so one rounding).
 
     In pieces of about PIECE elements (whole rows): each is read into one of two reused buffers,
     merged in place there (``merge_lowrank_`` on its rows of B) and written behind while the
@@ -236,32 +240,32 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
     ``allow_nonfinite`` (then kept, with a warning)."""
     ops.require_device(device)
     gene.check_coefficients(coeffs)
-    with Checkpoint(model) as ckpt:
+    with open_checkpoint(model, base) as ckpt:
         _check_gene_fits(model, ckpt, gene)
+        source = ckpt.base if isinstance(ckpt, LoraCheckpoint) else ckpt  # the bytes on disk
         plan = [Planned(n, i.dtype, i.shape) for n, i in ckpt.tensors.items()]
         ring = _PieceRing()
         written_view = None  # (name, start, count) of a mapped piece being written: released after
-        card = protected_card(model, gene, coeffs, "merged", ckpt.folder)
-        with ShardedWriter(out, plan, max_shard_size, copy_from=ckpt.folder, overwrite=overwrite,
+        card = protected_card(model, gene, coeffs, "merged", ckpt)
+        with ShardedWriter(out, plan, max_shard_size, copy_from=companion_folders(ckpt), overwrite=overwrite,
                            inputs=[model, *gene_inputs(gene)], extra_files={CARD_NAME: card}) as writer, \
                 Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             for p in plan:
                 info = ckpt.tensors[p.name]
-                module = p.name.removesuffix(".weight")
-                m = gene.modules.get(module)
-                alpha = gene.coefficient_for(module, coeffs) if m else 0.0
+                update = merged_update(ckpt, gene, coeffs, p.name)
+                alpha = gene.coefficient_for(p.name.removesuffix(".weight"), coeffs) if update else 0.0
                 numel = info.nbytes // info.dtype.itemsize
                 nonfinite = _NonFiniteTally()
-                if alpha != 0.0:
-                    B, A = m.scaled_B(alpha).to(device), m.A.to(device)
+                if update is not None:
+                    B, A = (f.to(device) for f in update)
                     row = info.shape[1]
                     step = max(1, PIECE // row) * row  # whole rows
                 else:
                     step = PIECE
                 for lo in range(0, numel, step):
                     n = min(step, numel - lo)
-                    if alpha != 0.0:
-                        w = ckpt.read(p.name, into=ring.next(n * info.dtype.itemsize, torch.uint8), start=lo, count=n)
+                    if update is not None:
+                        w = source.read(p.name, into=ring.next(n * info.dtype.itemsize, torch.uint8), start=lo, count=n)
                         rows = slice(lo // row, (lo + n) // row)
                         w_dev = w.view(-1, row).to(device)
                         ops.merge_lowrank_(w_dev, B[rows], A, 1.0)
@@ -269,13 +273,13 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
                             w.copy_(w_dev.view(-1))
                         nonfinite.add_output(w, partial(ckpt.read, p.name, start=lo, count=n))
                     else:
-                        w = ckpt.view(p.name, lo, n)  # never written to: the writer only reads it
+                        w = source.view(p.name, lo, n)  # never written to: the writer only reads it
                         if info.dtype in KERNEL_DTYPES:
                             nonfinite.add_output(w, None)
                     writer.write_part(p.name, w)  # returns once the write before it is done
                     if written_view is not None:
-                        ckpt.release(*written_view)
-                    written_view = None if alpha != 0.0 else (p.name, lo, n)
+                        source.release(*written_view)
+                    written_view = None if update is not None else (p.name, lo, n)
                 nonfinite.judge(model, p.name, alpha, info.dtype, allow_nonfinite)
                 if not numel:
                     writer.write(p.name, torch.empty(info.shape, dtype=info.dtype))
@@ -283,36 +287,95 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
     return Path(out)
 
 
+def merged_update(ckpt: Checkpoint | LoraCheckpoint, gene: SafetyGene, coeffs: dict[str, float] | float,
+                  name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(B, A) whose product is what apply adds to tensor ``name``: the gene's ``alpha * B`` and A
+    (B's dtype kept, so PEFT's merge of the adapter equals it), after a LoRA target's own update
+    along the rank when it has one (in float32); None when nothing is added."""
+    module = name.removesuffix(".weight")
+    alpha = gene.coefficient_for(module, coeffs) if module in gene.modules else 0.0
+    own = ckpt.updates.get(name) if isinstance(ckpt, LoraCheckpoint) else None
+    if alpha == 0.0:
+        return own
+    B, A = gene.modules[module].scaled_B(alpha), gene.modules[module].A
+    if own is None:
+        return B, A
+    return torch.cat([own[0], B.float()], dim=1), torch.cat([own[1], A.float()], dim=0)
+
+
+def companion_folders(ckpt: Checkpoint | LoraCheckpoint) -> list[Path]:
+    """Where an output of ``ckpt`` gets its companion files (config, tokenizer, license ...)."""
+    return ckpt.companion_folders() if isinstance(ckpt, LoraCheckpoint) else [ckpt.folder]
+
+
+FORMATS = ("merged", "peft", "combined")
+
+
 def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: str | os.PathLike,
           coeffs: dict[str, float] | float = 1.0, *, format: str = "merged", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
           device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
-          progress: bool = False) -> Path:
-    """Re-applies a gene to ``model``: ``merged`` writes the merged checkpoint, ``peft`` writes an
-    adapter for ``model`` with the coefficients folded into B (PEFT's merge equals ``merged``).
+          base: str | os.PathLike | None = None, progress: bool = False) -> Path:
+    """Re-applies a gene to ``model`` (a model, or a LoRA adapter folder on ``base`` or the base its
+    config names). ``merged`` writes the merged checkpoint; ``peft`` writes an adapter for
+    ``model`` (merged, if it is an adapter) with the coefficients folded into B (PEFT's merge
+    equals ``merged``); ``combined``, for an adapter ``model`` only, writes one adapter on its base
+    holding the adapter's update and the gene's along the rank (PEFT's merge equals ``merged``).
     ``allow_nonfinite``: a merged checkpoint keeps NaN or Inf weights of ``model`` (with a
-    warning) instead of refusing them; ``peft`` reads no weights, so it does not look."""
+    warning) instead of refusing them; the adapter formats read no weights, so they do not look."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown output format {format!r}; use {', '.join(map(repr, FORMATS))}.")
     if not isinstance(gene, SafetyGene):
         gene = SafetyGene.load(gene)
     if format == "merged":
         return apply_merged(model, gene, out, coeffs, max_shard_size=max_shard_size, device=device,
-                            overwrite=overwrite, allow_nonfinite=allow_nonfinite, progress=progress)
-    if format != "peft":
-        raise ValueError(f"unknown output format {format!r}; use 'merged' or 'peft'.")
+                            overwrite=overwrite, allow_nonfinite=allow_nonfinite, base=base, progress=progress)
+    if format == "combined":
+        return apply_combined(model, gene, out, coeffs, overwrite=overwrite, base=base)
     gene.check_coefficients(coeffs)
-    with Checkpoint(model) as ckpt:
+    with open_checkpoint(model, base) as ckpt:
         _check_gene_fits(model, ckpt, gene)
-        card = protected_card(model, gene, coeffs, "peft", ckpt.folder)
+        card = protected_card(model, gene, coeffs, "peft", ckpt)
     return gene.save(out, overwrite=overwrite, base_model=model_reference(model), coeffs=coeffs,
                      inputs=[model, *gene_inputs(gene)], card=card)
 
 
-def protected_card(model, gene: SafetyGene, coeffs: dict[str, float] | float, kind: str, folder: Path) -> str:
+def apply_combined(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
+                   coeffs: dict[str, float] | float = 1.0, *, overwrite: bool = False,
+                   base: str | os.PathLike | None = None) -> Path:
+    """One PEFT adapter on the base of LoRA adapter ``model``: per module, the adapter's update
+    and the gene's (coefficients folded in) concatenated along the rank (r_task + r_gene), so
+    one adapter per fine-tune serves the protected model (multi-LoRA engines load it as any)."""
+    if not is_adapter(model):
+        raise CheckpointError(f"{model}: the combined format is for a LoRA adapter target (it holds the adapter's "
+                              f"update and the gene together), and this is a full model; use merged or peft.")
+    gene.check_coefficients(coeffs)
+    with LoraCheckpoint(model, base) as ckpt:
+        _check_gene_fits(model, ckpt, gene)
+        modules = {}
+        for name in [n for n in ckpt.tensors if n in ckpt.updates or n.removesuffix(".weight") in gene.modules]:
+            update = merged_update(ckpt, gene, coeffs, name)
+            if update is not None:
+                module = name.removesuffix(".weight")
+                modules[module] = GeneModule(update[0].contiguous(), update[1].contiguous(), torch.empty(0),
+                                             1.0, layer_of(module))  # energy: the whole update, nothing cut
+        card = protected_card(model, gene, coeffs, "combined", ckpt)
+        base_folder = ckpt.base.folder
+        base_name = model_reference(base if base is not None else ckpt.adapter.config["base_model_name_or_path"])
+    combined = SafetyGene(modules, {**gene.provenance, "task_adapter": model_reference(model)})
+    return combined.save(out, overwrite=overwrite, base_model=base_name, folded={"gene": coeffs, "task_adapter": 1.0},
+                         inputs=[model, base_folder, *gene_inputs(gene)], card=card)
+
+
+def protected_card(model, gene: SafetyGene, coeffs: dict[str, float] | float, kind: str,
+                   ckpt: Checkpoint | LoraCheckpoint) -> str:
     """The model card of ``model`` protected by ``gene`` at ``coeffs`` (the modules a coefficient
     of 0 leaves out are not counted)."""
     applied = [name for name in gene.modules if gene.coefficient_for(name, coeffs) != 0]
     layers = sorted({gene.modules[name].layer for name in applied if gene.modules[name].layer is not None})
+    lora = isinstance(ckpt, LoraCheckpoint)
     return model_card(target=model, kind=kind, gene_provenance=gene.provenance, modules=len(applied),
-                      layers=layers, coeffs=coeffs, source_folder=folder)
+                      layers=layers, coeffs=coeffs, source_folder=ckpt.path if lora else ckpt.folder,
+                      base=ckpt.base.path if lora else None)
 
 
 def model_reference(model: str | os.PathLike) -> str:
@@ -344,9 +407,10 @@ def _check_gene_fits(model, ckpt: Checkpoint, gene: SafetyGene) -> None:
 def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | os.PathLike,
           alpha: float, out: str | os.PathLike, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
           device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
-          progress: bool = False) -> Path:
+          base: str | os.PathLike | None = None, progress: bool = False) -> Path:
     """The dense RESTA baseline: every bfloat16, float16 and float32 tensor becomes
-    ``T + alpha * (A - D)``; tensors of other dtypes are T's, copied byte for byte.
+    ``T + alpha * (A - D)``; tensors of other dtypes are T's, copied byte for byte. Any of the
+    three may be a LoRA adapter folder (read merged on ``base``, else on its config's base).
 
     Streams in pieces of PIECE elements: T, A and D are seen in place in the page cache
     (``Checkpoint.view``, nothing copied on the way in) and ``merge_diff`` writes each result
@@ -360,14 +424,15 @@ def resta(model: str | os.PathLike, aligned: str | os.PathLike, degraded: str | 
     once its tensor is complete, so the counts are the tensor's.
     """
     ops.require_device(device)
-    with Checkpoint(model) as t_ckpt, Checkpoint(aligned) as a_ckpt, Checkpoint(degraded) as d_ckpt, \
+    with open_checkpoint(model, base) as t_ckpt, open_checkpoint(aligned, base) as a_ckpt, \
+            open_checkpoint(degraded, base) as d_ckpt, \
             ThreadPoolExecutor(max_workers=1) as prefetcher:
         ckpts = (t_ckpt, a_ckpt, d_ckpt)
         check_same_layout(t_ckpt, a_ckpt, d_ckpt, interchangeable=KERNEL_DTYPES)
         plan = [Planned(n, i.dtype, i.shape) for n, i in t_ckpt.tensors.items()]
         names = [p.name for p in plan]
         ring = _PieceRing()
-        with ShardedWriter(out, plan, max_shard_size, copy_from=t_ckpt.folder, overwrite=overwrite,
+        with ShardedWriter(out, plan, max_shard_size, copy_from=companion_folders(t_ckpt), overwrite=overwrite,
                            inputs=[model, aligned, degraded]) as writer, \
                 Progress("resta", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             pending = prefetcher.submit(_prefetch, ckpts, names[:1])

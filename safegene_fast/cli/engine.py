@@ -9,6 +9,7 @@ from pathlib import Path
 
 from safegene_fast.cli.options import (
     UsageError,
+    add_base_option,
     add_engine_options,
     check_outputs,
     finite_float,
@@ -16,14 +17,15 @@ from safegene_fast.cli.options import (
     positive_int,
     report,
     summary,
+    with_bases,
 )
-from safegene_fast.pipeline import MAX_OVERSAMPLE, MAX_POWER_ITERS
+from safegene_fast.pipeline import FORMATS, MAX_OVERSAMPLE, MAX_POWER_ITERS
 
 
-def checkpoint_bytes(path, names=None) -> int:
-    """Bytes of the checkpoint's tensors, or of those named."""
-    from safegene_fast.io import Checkpoint
-    with Checkpoint(path) as ckpt:
+def checkpoint_bytes(path, names=None, base=None) -> int:
+    """Bytes of the checkpoint's tensors (a LoRA adapter's: its base's), or of those named."""
+    from safegene_fast.lora import open_checkpoint
+    with open_checkpoint(path, base) as ckpt:
         return sum(ckpt.tensors[n].nbytes for n in (ckpt.tensors if names is None else names))
 
 
@@ -32,20 +34,20 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if args.energy is not None and not 0 < args.energy <= 1:
         raise UsageError(f"--energy must be in (0, 1], got {args.energy}.")
     inputs = [args.aligned, *args.degraded]
-    check_outputs(args, inputs, folders=[args.out])
+    check_outputs(args, with_bases(inputs, args.base), folders=[args.out])
     rank = args.rank if args.energy is None else None
     start = time.perf_counter()
     gene = extract(args.aligned, args.degraded, rank=rank, energy=args.energy, max_rank=args.max_rank,
                    oversample=args.oversample, power_iters=args.power_iters, seed=args.seed,
                    include=args.include, exclude=args.exclude, device=args.device,
-                   allow_nonfinite=args.allow_nonfinite, progress=not args.quiet)
+                   allow_nonfinite=args.allow_nonfinite, base=args.base, progress=not args.quiet)
     gene.save(args.out, overwrite=args.overwrite, base_model=model_reference(args.aligned),
-              inputs=inputs)
+              inputs=with_bases(inputs, args.base))
     seconds = time.perf_counter() - start
     ranks = [m.rank for m in gene.modules.values()]
     energies = [m.energy for m in gene.modules.values()]
     gene_bytes = sum(m.A.nbytes + m.B.nbytes for m in gene.modules.values())
-    nbytes = checkpoint_bytes(args.aligned, [f"{m}.weight" for m in gene.modules])  # what extract read of A
+    nbytes = checkpoint_bytes(args.aligned, [f"{m}.weight" for m in gene.modules], args.base)  # what it read of A
     result = summary("extract", seconds, nbytes, args.out, modules=len(ranks),
                      rank_min=min(ranks), rank_max=max(ranks), rank_total=sum(ranks),
                      energy_min=round(min(energies), 6), energy_mean=round(sum(energies) / len(energies), 6),
@@ -58,29 +60,30 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from safegene_fast.pipeline import apply
     coeffs = load_coeffs(args.coeffs) if args.coeffs else args.alpha
-    check_outputs(args, [args.model, args.gene], folders=[args.out])
+    check_outputs(args, with_bases([args.model, args.gene], args.base), folders=[args.out])
     start = time.perf_counter()
     apply(args.model, args.gene, args.out, coeffs, format=args.format, max_shard_size=args.max_shard_size,
-          device=args.device, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite,
+          device=args.device, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, base=args.base,
           progress=not args.quiet)
     seconds = time.perf_counter() - start
-    nbytes = checkpoint_bytes(args.model) if args.format == "merged" else checkpoint_bytes(
+    nbytes = checkpoint_bytes(args.model, base=args.base) if args.format == "merged" else checkpoint_bytes(
         Path(args.out) / "adapter_model.safetensors")
     result = summary("apply", seconds, nbytes, args.out, format=args.format,
                      coefficients=coeffs if isinstance(coeffs, dict) else {"*": coeffs})
-    report(args, result, f"wrote {'merged checkpoint' if args.format == 'merged' else 'PEFT adapter'} {args.out}")
+    kind = {"merged": "merged checkpoint", "peft": "PEFT adapter", "combined": "combined PEFT adapter"}[args.format]
+    report(args, result, f"wrote {kind} {args.out}")
     return 0
 
 
 def cmd_resta(args: argparse.Namespace) -> int:
     from safegene_fast.pipeline import resta
-    check_outputs(args, [args.model, args.aligned, args.degraded], folders=[args.out])
+    check_outputs(args, with_bases([args.model, args.aligned, args.degraded], args.base), folders=[args.out])
     start = time.perf_counter()
     resta(args.model, args.aligned, args.degraded, args.alpha, args.out, max_shard_size=args.max_shard_size,
-          device=args.device, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite,
+          device=args.device, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, base=args.base,
           progress=not args.quiet)
     seconds = time.perf_counter() - start
-    result = summary("resta", seconds, checkpoint_bytes(args.model), args.out, alpha=args.alpha)
+    result = summary("resta", seconds, checkpoint_bytes(args.model, base=args.base), args.out, alpha=args.alpha)
     report(args, result, f"wrote RESTA checkpoint {args.out}")
     return 0
 
@@ -106,9 +109,11 @@ def register(sub) -> None:
                        "selected linear weight keep a randomized-SVD low-rank factorization of "
                        "ALIGNED - mean(DEGRADED). The gene is written as a PEFT LoRA adapter folder "
                        "plus safegene.json (singular values, energy kept, provenance).")
-    p.add_argument("--aligned", required=True, metavar="A", help="the aligned checkpoint")
+    p.add_argument("--aligned", required=True, metavar="A", help="the aligned checkpoint (or LoRA adapter folder)")
     p.add_argument("--degraded", required=True, action="append", metavar="D",
-                   help="a degraded counterpart (repeat for several; their mean is used)")
+                   help="a degraded counterpart, a checkpoint or LoRA adapter folder (repeat for several; their "
+                        "mean is used)")
+    add_base_option(p)
     p.add_argument("--out", required=True, metavar="GENE", help="output gene folder")
     size = p.add_mutually_exclusive_group()
     size.add_argument("--rank", type=positive_int, default=16, help="fixed rank per module (default 16)")
@@ -128,24 +133,32 @@ def register(sub) -> None:
                        description="Add alpha * B @ A of every gene module to MODEL. --format merged "
                        "streams MODEL and writes the merged checkpoint; --format peft writes a LoRA "
                        "adapter for MODEL with the coefficients folded in (PEFT's merge_and_unload "
-                       "gives the merged weights).")
-    p.add_argument("--model", required=True, metavar="T", help="the fine-tuned target checkpoint")
+                       "gives the merged weights). MODEL may be a PEFT LoRA adapter folder (a task "
+                       "fine-tune as LoRA): merged streams its base once, adding the task update and the "
+                       "gene together; peft writes the gene for the merged task model; --format combined "
+                       "writes one adapter on the base holding both, concatenated along the rank, for "
+                       "multi-LoRA servers (PEFT's merge of it gives the merged weights).")
+    p.add_argument("--model", required=True, metavar="T",
+                   help="the fine-tuned target: a checkpoint, or a PEFT LoRA adapter folder")
+    add_base_option(p)
     p.add_argument("--gene", required=True, metavar="GENE", help="a gene folder written by extract")
     coeff = p.add_mutually_exclusive_group()
     coeff.add_argument("--coeffs", metavar="JSON",
                        help='per-layer or per-module coefficients, e.g. {"12": 0.8, "13": 1.1}; absent layers get 0')
     coeff.add_argument("--alpha", type=finite_float, default=1.0, help="one coefficient for every module (default 1)")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
-    p.add_argument("--format", choices=["merged", "peft"], default="merged", help="output kind (default merged)")
+    p.add_argument("--format", choices=list(FORMATS), default="merged",
+                   help="output kind: merged, peft or (LoRA target) combined (default merged)")
     add_engine_options(p, nonfinite=True)
     p.set_defaults(func=cmd_apply)
 
     p = sub.add_parser("resta", help="the dense RESTA baseline T + alpha * (A - D)",
                        description="Stream T, A and D and write T + alpha * (A - D) for every floating "
                        "tensor (the dense safety vector of RESTA), for comparison with the gene.")
-    p.add_argument("--model", required=True, metavar="T", help="the fine-tuned target checkpoint")
-    p.add_argument("--aligned", required=True, metavar="A", help="the aligned checkpoint")
-    p.add_argument("--degraded", required=True, metavar="D", help="the degraded counterpart")
+    p.add_argument("--model", required=True, metavar="T", help="the fine-tuned target checkpoint (or LoRA adapter)")
+    p.add_argument("--aligned", required=True, metavar="A", help="the aligned checkpoint (or LoRA adapter)")
+    p.add_argument("--degraded", required=True, metavar="D", help="the degraded counterpart (or LoRA adapter)")
+    add_base_option(p)
     p.add_argument("--alpha", required=True, type=finite_float, help="the global coefficient")
     p.add_argument("--out", required=True, metavar="OUT", help="output folder")
     add_engine_options(p, nonfinite=True)

@@ -87,6 +87,26 @@ def add_engine_options(p: argparse.ArgumentParser, *, shards: bool = True, nonfi
                        overwrite="replace OUT if it exists" if overwrite else None)
 
 
+def add_base_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--base", metavar="BASE",
+                   help="the base model of every input given as a PEFT LoRA adapter folder (default: the one its "
+                        "adapter_config.json names, a folder or a Hub id in the local cache)")
+
+
+def with_bases(inputs, base=None) -> list:
+    """``inputs`` and, for each that is a LoRA adapter folder, its base: what an output may not touch."""
+    from safegene_fast.io import CheckpointError
+    from safegene_fast.lora import base_of, is_adapter
+    out = list(inputs)
+    for path in inputs:
+        if path is not None and is_adapter(path):
+            try:
+                out.append(base_of(path, base))
+            except CheckpointError:  # the run itself says what is wrong with it
+                pass
+    return out
+
+
 def add_prompt_options(p: argparse.ArgumentParser, harmful_help: str) -> None:
     """Prompt sets: files of the user's, or by default the embedded family's splits."""
     p.add_argument("--family", default="default", metavar="PRESET",

@@ -37,6 +37,8 @@ DEFAULT_MAX_SHARD_SIZE = 5 * 10**9  # bytes of tensor data per shard, as transfo
 # Weights and their indexes stay behind: the output has its own, and a pickle must not ride along.
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".pkl", ".npz",
                    ".safetensors.index.json", ".bin.index.json")
+# An adapter's configuration would make transformers take the output folder for an adapter.
+NOT_COMPANIONS = ("adapter_config.json",)
 
 
 def companion_files(folder: str | os.PathLike) -> list[Path]:
@@ -45,7 +47,7 @@ def companion_files(folder: str | os.PathLike) -> list[Path]:
     model card ...): every regular file at the folder's top but weights, indexes and hidden files."""
     folder = Path(folder)
     return sorted(f for f in folder.iterdir() if f.is_file() and not f.name.startswith(".")
-                  and not f.name.endswith(WEIGHT_SUFFIXES))
+                  and not f.name.endswith(WEIGHT_SUFFIXES) and f.name not in NOT_COMPANIONS)
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,7 @@ class ShardedWriter:
     """
 
     def __init__(self, out: str | os.PathLike, tensors: list[Planned], max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
-                 copy_from: str | os.PathLike | None = None, overwrite: bool = False, inputs=(),
+                 copy_from: str | os.PathLike | list | None = None, overwrite: bool = False, inputs=(),
                  extra_files: dict[str, str] | None = None):
         if max_shard_size <= 0:
             raise CheckpointError(f"max shard size must be positive, got {max_shard_size}.")
@@ -107,9 +109,11 @@ class ShardedWriter:
         if unstorable is not None:  # before the temporary folder is made
             raise CheckpointError(f"{out}: tensor {unstorable.name!r} is {unstorable.dtype}, which safetensors "
                                   f"cannot store.")
-        self.out, self.tmp = prepare_folder(out, [*inputs, *([copy_from] if copy_from else [])], overwrite=overwrite)
+        # the folders companion files come from, later ones winning
+        self.copy_from = [Path(f) for f in (copy_from if isinstance(copy_from, (list, tuple)) else
+                                            [copy_from] if copy_from else [])]
+        self.out, self.tmp = prepare_folder(out, [*inputs, *self.copy_from], overwrite=overwrite)
         self.overwrite = overwrite
-        self.copy_from = Path(copy_from) if copy_from else None
         self.extra_files = dict(extra_files or {})  # name -> text, written over a copied file of that name
         self.shards = plan_shards(tensors, max_shard_size)
         n = len(self.shards)
@@ -222,8 +226,8 @@ class ShardedWriter:
         if not self.order:  # a checkpoint with no tensors still gets its (empty) file
             self._open_shard(0)
         self._close_shard()
-        if self.copy_from is not None:
-            for file in companion_files(self.copy_from):
+        for folder in self.copy_from:
+            for file in companion_files(folder):
                 shutil.copyfile(file, self.tmp / file.name)
         for name, text in self.extra_files.items():
             (self.tmp / name).write_text(text, encoding="utf-8")
