@@ -185,7 +185,9 @@ def test_apply_and_resta_pass_every_dtype_through(family, gene, capsys, tmp_path
     assert not same_bytes(plain_applied[MERGED], before[MERGED])  # the merge did happen
 
 
-def test_extract_takes_only_weights_the_kernels_merge(tmp_path):
+def test_extract_refuses_selected_weights_the_kernels_cannot_factor(tmp_path, capsys):
+    """A quantized checkpoint (float8, integer weights) or float64 weights are not left out of the
+    gene in silence: extract names them, and factors the rest once they are excluded."""
     def model(seed):
         g = torch.Generator().manual_seed(seed)
         return {f"model.layers.0.mlp.{SAFETENSORS_NAMES[dtype].lower()}.weight":
@@ -193,10 +195,14 @@ def test_extract_takes_only_weights_the_kernels_merge(tmp_path):
                 for dtype in (torch.bfloat16, torch.float16, torch.float32, torch.float64,
                               torch.float8_e4m3fn, torch.float8_e5m2, torch.int8)}
     aligned, degraded = save_model(tmp_path / "a", model(0)), save_model(tmp_path / "d", model(1))
-    with Checkpoint(aligned) as ckpt:
-        assert sorted(pipeline.select_modules(ckpt)) == [f"model.layers.0.mlp.{n}.weight" for n in ("bf16", "f16", "f32")]
+    line = error_of(capsys, ["extract", "--aligned", str(aligned), "--degraded", str(degraded), "--out",
+                             str(tmp_path / "g"), "--quiet"])
+    assert line == (f"safegene: error: {aligned}: 4 of the selected weights, first 'model.layers.0.mlp.f64.weight', "
+                    f"are not bfloat16, float16 or float32 (float64: a quantized checkpoint?), and a gene is factored "
+                    f"only from those; dequantize the checkpoint first, or leave them out with --exclude.")
+    assert not (tmp_path / "g").exists()
     assert main(["extract", "--aligned", str(aligned), "--degraded", str(degraded), "--out", str(tmp_path / "g"),
-                 "--rank", "2", "--quiet"]) == 0
+                 "--rank", "2", "--exclude", r"mlp\.(f64|f8_e4m3|f8_e5m2|i8)\.", "--quiet"]) == 0
     assert sorted(SafetyGene.load(tmp_path / "g").modules) == [f"model.layers.0.mlp.{n}" for n in ("bf16", "f16", "f32")]
 
 

@@ -327,3 +327,34 @@ def test_combined_needs_an_adapter_target(lora, tmp_path, capsys):
     assert run("apply", "--model", lora["base"], "--gene", lora["gene"], "--out", tmp_path / "c",
                "--format", "combined") != 0
     assert "combined format is for a LoRA adapter" in capsys.readouterr().err
+
+
+def test_eval_select_and_recalibrate_take_an_adapter_target(tiny_family, tmp_path, capsys):
+    """A task fine-tune as LoRA goes through the method commands as its merge does: eval gives the
+    merged model's numbers, recalibrate and select run on it."""
+    import test_cli
+
+    target, aligned = tiny_family.member("target"), tiny_family.member("aligned")
+    adapter = task_adapter(target, tmp_path / "task", targets=["q_proj", "v_proj"])
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # a fine-tune ships its tokenizer, or not
+        assert not (adapter / name).exists()
+    merged = tmp_path / "merged"
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32)
+    PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(merged)
+    for file in target.iterdir():
+        if file.name.startswith("tokenizer") or file.name.endswith(".jinja"):
+            shutil.copy(file, merged / file.name)
+    args = ["eval", "--family", "tiny", "--limit", "8"]
+    on_adapter = test_cli.run_json(capsys, [*args, "--model", str(adapter)])
+    on_merged = test_cli.run_json(capsys, [*args, "--model", str(merged)])
+    strip = lambda r: {k: v for k, v in r.items() if k not in ("model", "seconds", "peak_rss_mb")}  # noqa: E731
+    assert strip(on_adapter) == strip(on_merged)
+    gene = tmp_path / "gene"
+    assert main(["extract", "--aligned", str(aligned), "--degraded", str(tiny_family.member("dealigned")),
+                 "--rank", "2", "--out", str(gene), "--quiet"]) == 0
+    assert main(["recalibrate", "--model", str(adapter), "--gene", str(gene), "--family", "tiny", "--steps", "2",
+                 "--shots", "4", "--out", str(tmp_path / "c.json"), "--quiet"]) == 0
+    assert main(["select", "--gene", str(gene), "--aligned", str(aligned), "--degraded", str(adapter),
+                 "--family", "tiny", "--layers", "1", "--shots", "4", "--quiet"]) == 0
+    assert main(["apply", "--model", str(adapter), "--gene", str(gene), "--coeffs", str(tmp_path / "c.json"),
+                 "--out", str(tmp_path / "protected"), "--format", "combined", "--quiet"]) == 0

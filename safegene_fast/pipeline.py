@@ -48,11 +48,20 @@ def _pattern(text: str) -> re.Pattern:
 
 
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
-    """Weight names whose module gets a gene factor."""
+    """Weight names whose module gets a gene factor: the 2-D weights the selection matches. A
+    matched weight the kernels cannot factor (float8 or integer: a quantized checkpoint; float64)
+    is an error, not a module silently left out."""
     inc, exc = _pattern(include or DEFAULT_INCLUDE), _pattern(exclude) if exclude else None
-    return [n for n, info in ckpt.tensors.items()
-            if len(info.shape) == 2 and info.dtype in KERNEL_DTYPES
-            and inc.search(n) and not (exc and exc.search(n))]
+    names = [n for n, info in ckpt.tensors.items()
+             if len(info.shape) == 2 and inc.search(n) and not (exc and exc.search(n))]
+    other = [n for n in names if ckpt.tensors[n].dtype not in KERNEL_DTYPES]
+    if other:
+        dtype = str(ckpt.tensors[other[0]].dtype).removeprefix("torch.")
+        raise CheckpointError(f"{ckpt.path}: {len(other)} of the selected weights, first {other[0]!r}, are not "
+                              f"bfloat16, float16 or float32 ({dtype}: a quantized checkpoint?), and a gene is "
+                              f"factored only from those; dequantize the checkpoint first, or leave them out with "
+                              f"--exclude.")
+    return names
 
 
 class NonFiniteError(CheckpointError):

@@ -98,7 +98,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         raise UsageError("--aligned and --degraded go together.")
     result = run_bench(model=args.model, gene=args.gene, aligned=args.aligned, degraded=args.degraded,
                        synthetic=args.synthetic, work=args.work, rank=args.rank, alpha=args.alpha,
-                       device=args.device, keep=args.keep, repeat=args.repeat, progress=not args.quiet)
+                       device=args.device, keep=args.keep, repeat=args.repeat, lora_rank=args.lora_rank,
+                       progress=not args.quiet)
     print(json.dumps(result) if args.json else format_table(result))
     return 0
 
@@ -180,6 +181,9 @@ def register(sub) -> None:
     p.add_argument("--work", metavar="DIR", help="where the outputs go, in a new subfolder that is removed at the end unless --keep "
                    "(default: the system's temporary folder); nothing else in DIR is touched")
     p.add_argument("--repeat", type=positive_int, default=3, help="rounds of stages; the median is reported (default 3)")
+    p.add_argument("--lora-rank", type=positive_int, metavar="R",
+                   help="also time apply on a task fine-tune given as a rank-R LoRA adapter on the model "
+                        "(stage apply-lora; its floor is the copy of the base it streams)")
     p.add_argument("--keep", action="store_true", help="keep the outputs (of the last round)")
     add_engine_options(p, shards=False, overwrite=False)
     p.set_defaults(func=cmd_bench)

@@ -11,6 +11,7 @@ import time
 
 from safegene_fast.cli.options import (
     UsageError,
+    add_base_option,
     add_output_options,
     add_prompt_options,
     add_scorer_option,
@@ -21,6 +22,7 @@ from safegene_fast.cli.options import (
     print_result,
     read_examples,
     read_prompts,
+    with_bases,
 )
 from safegene_fast.method.recalibrate import SEARCHES
 
@@ -50,7 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = read_examples(args.task) if args.task else fam.examples(TARGET_TASK, "heldout")
     harmful, task = harmful[:args.limit], task[:args.limit]
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, args.adapter)
+    model, tokenizer = load_model(args.model, args.adapter, base=args.base)
     check_prompts(args, model, tokenizer, [(chat(tokenizer, harmful), args.harmful, "harmful prompts"),
                                            (chat(tokenizer, [e.prompt for e in task]), args.task, "task prompts")],
                   generated=args.max_new_tokens)
@@ -84,10 +86,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise UsageError(f"--layers {args.layers}: the gene has only {len(gene.layers)} layers.")
     models = [args.aligned, *args.degraded]
     if args.out:  # a new gene beside the one read
-        check_outputs(args, [args.gene, *models], folders=[args.out], files=[args.plot])
+        check_outputs(args, with_bases([args.gene, *models], args.base), folders=[args.out], files=[args.plot])
     else:         # the gene is updated in place: one run at a time
         args.locks.enter_context(output_lock(args.gene))
-        check_outputs(args, [args.gene, *models], files=[args.plot])
+        check_outputs(args, with_bases([args.gene, *models], args.base), files=[args.plot])
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
     harmless = read_prompts(args.harmless) if args.harmless else [e.prompt for e in fam.examples(toy.BASE_TASK, "fewshot")]
@@ -96,8 +98,8 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise UsageError("with --harmful prompts, give --refusal (the refusal text the aligned model says).")
     compliance = args.compliance or (toy.COMPLIANCE if not args.harmful else COMPLIANCE)
     start = time.perf_counter()
-    aligned, tokenizer = load_model(args.aligned)
-    degraded = [load_causal_lm(d) for d in args.degraded]  # the aligned model's tokenizer serves them all
+    aligned, tokenizer = load_model(args.aligned, base=args.base)
+    degraded = [load_causal_lm(d, base=args.base) for d in args.degraded]  # the aligned model's tokenizer serves them all
     harmful, harmless = chat(tokenizer, harmful[:args.shots]), chat(tokenizer, harmless[:args.shots])
     check_prompts(args, aligned, tokenizer, [(harmful, args.harmful, "harmful prompts"),
                                              (harmless, args.harmless, "harmless prompts")],
@@ -126,7 +128,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from safegene_fast.io import together, write_json
     from safegene_fast.method import recalibrate as rc
     from safegene_fast.models import toy
-    check_outputs(args, [args.model, args.gene], files=[args.out, args.log, args.plot])
+    check_outputs(args, with_bases([args.model, args.gene], args.base), files=[args.out, args.log, args.plot])
     gene = SafetyGene.load(args.gene)
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
@@ -134,7 +136,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
             else [e.prompt for e in fam.examples(toy.TARGET_TASK, "fewshot")])
     refusal = args.refusal or (GENERIC_REFUSAL if args.harmful else toy.REFUSAL)
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model)
+    model, tokenizer = load_model(args.model, base=args.base)
     shots = rc.FewShot(chat(tokenizer, harmful[:args.shots]), refusal, chat(tokenizer, task[:args.shots]))
     check_prompts(args, model, tokenizer, [(shots.harmful, args.harmful, "harmful prompts"),
                                            (shots.task, args.task_prompts, "task prompts")],
@@ -167,7 +169,9 @@ def register(sub) -> None:
                        "embedded family's held-out splits and go through the model's chat template. "
                        "--judge-check instead measures the judge against PyRIT's human-labelled refusal "
                        "responses (accuracy, precision, recall).")
-    p.add_argument("--model", metavar="M", help="a transformers causal LM folder (or merged checkpoint)")
+    p.add_argument("--model", metavar="M", help="a transformers causal LM folder (or merged checkpoint, or a PEFT "
+                   "LoRA adapter folder)")
+    add_base_option(p)
     p.add_argument("--adapter", metavar="PEFT", help="a PEFT adapter to load on top of --model")
     add_prompt_options(p, "harmful prompts")
     p.add_argument("--task", metavar="JSONL", help='task examples, one {"prompt": ..., "answer": ...} a line')
@@ -184,7 +188,8 @@ def register(sub) -> None:
                        "scoring >= --threshold, and write the scores and the kept layers into the gene's "
                        "safegene.json (or a copy with --out).")
     p.add_argument("--gene", required=True, metavar="GENE", help="a gene folder written by extract")
-    p.add_argument("--aligned", required=True, metavar="A", help="the aligned model")
+    p.add_argument("--aligned", required=True, metavar="A", help="the aligned model (or a LoRA adapter folder)")
+    add_base_option(p)
     p.add_argument("--degraded", required=True, action="append", metavar="D",
                    help="the degraded counterpart(s) the gene came from (repeat for several)")
     keep = p.add_mutually_exclusive_group(required=True)
@@ -211,7 +216,8 @@ def register(sub) -> None:
                        "refusal likely on harmful prompts while keeping T's own answers on task prompts; grid "
                        "mode searches a global scale, then each layer, scoring generations with the judge. "
                        "Writes coeffs.json for apply --coeffs.")
-    p.add_argument("--model", required=True, metavar="T", help="the fine-tuned target model")
+    p.add_argument("--model", required=True, metavar="T", help="the fine-tuned target model (or a LoRA adapter folder)")
+    add_base_option(p)
     p.add_argument("--gene", required=True, metavar="GENE", help="a gene (selected layers are used if present)")
     p.add_argument("--out", required=True, metavar="JSON", help="coefficients file to write")
     p.add_argument("--mode", choices=list(SEARCHES), default="gradient", help="search mode (default gradient)")

@@ -16,6 +16,7 @@ import torch
 
 from safegene_fast.eval.judge import accuracy, is_refusal
 from safegene_fast.gene import PEFT_PREFIX
+from safegene_fast.lora import base_of, is_adapter
 
 # A generic refusal and compliance, as continuations of a chat prompt (hence the leading space)
 REFUSAL = " I'm sorry, but I can't help with that."
@@ -41,9 +42,14 @@ def model_name(model) -> str:
     return str(getattr(model, "name_or_path", "") or "the model")
 
 
-def load_model(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype=torch.float32):
-    """(model, tokenizer) in eval mode; with ``adapter``, a PEFT adapter loaded on top."""
-    model = load_causal_lm(path, adapter, dtype)  # first: it checks the folder
+def load_model(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype=torch.float32,
+               base: str | os.PathLike | None = None):
+    """(model, tokenizer) in eval mode; with ``adapter``, a PEFT adapter loaded on top. ``path``
+    may itself be a LoRA adapter folder: its base (``base``, else its config's) with it merged,
+    and the adapter folder's tokenizer if it ships one, else the base's."""
+    model = load_causal_lm(path, adapter, dtype, base)  # first: it checks the folder
+    if is_adapter(path) and not any((Path(path) / name).is_file() for name in TOKENIZER_FILES):
+        path = base_of(path, base)
     return model, load_tokenizer(path)
 
 
@@ -69,10 +75,15 @@ def check_model_folder(path: str | os.PathLike) -> None:
         raise ModelError(f"{folder}: has no weights ({', '.join(WEIGHT_FILES)}).")
 
 
-def load_causal_lm(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype=torch.float32):
-    """The model alone, in eval mode, with ``adapter`` (a PEFT adapter folder) on top if given."""
+def load_causal_lm(path: str | os.PathLike, adapter: str | os.PathLike | None = None, dtype=torch.float32,
+                   base: str | os.PathLike | None = None):
+    """The model alone, in eval mode, with ``adapter`` (a PEFT adapter folder) on top if given;
+    a LoRA adapter ``path`` is loaded on its base and merged into it."""
     from safetensors import SafetensorError
     from transformers import AutoModelForCausalLM
+    if is_adapter(path):
+        merged = load_causal_lm(base_of(path, base), path, dtype).merge_and_unload()
+        return merged if adapter is None else load_adapter(merged, adapter).eval()
     check_model_folder(path)
     if adapter is not None and not (Path(adapter) / "adapter_config.json").is_file():
         raise ModelError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json).")

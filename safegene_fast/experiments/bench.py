@@ -159,8 +159,10 @@ def median_run(runs: list[dict]) -> dict:
 
 def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=None, work=None,
               rank: int = 16, alpha: float = 1.0, device: str = "cpu", keep: bool = False,
-              repeat: int = 3, progress: bool = True) -> dict:
-    """Times the stages; see the module docstring. Returns the results as a dict."""
+              repeat: int = 3, lora_rank: int | None = None, progress: bool = True) -> dict:
+    """Times the stages; see the module docstring. Returns the results as a dict. ``lora_rank``:
+    also time apply on a task fine-tune given as a LoRA adapter of that rank on ``model``
+    (stage ``apply-lora``, against the copy floor of ``model``, the bytes it streams)."""
 
     result = {"date": time.strftime("%Y-%m-%d %H:%M:%S"), "device": device, "threads": torch.get_num_threads(),
               "cpu_count": os.cpu_count(), "torch": torch.__version__, "rank": rank, "alpha": alpha}
@@ -195,6 +197,13 @@ def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=N
     stage_runs["apply"] = lambda: run_stage([
         "apply", "--model", str(model), "--gene", str(gene or gene_out), "--alpha", str(alpha),
         "--out", str(work / "apply"), "--overwrite", *common])
+    if lora_rank is not None:
+        from safegene_fast.models.synthetic import write_lora_adapter
+        adapter = write_lora_adapter(work / "task-lora", model, lora_rank)
+        result["lora_rank"] = lora_rank
+        stage_runs["apply-lora"] = lambda: run_stage([
+            "apply", "--model", str(adapter), "--gene", str(gene or gene_out), "--alpha", str(alpha),
+            "--out", str(work / "apply-lora"), "--overwrite", *common])
     if aligned and degraded:
         # resta reads three checkpoints for each one it writes: its floor does the same
         stage_runs["copy3"] = lambda: copy_floor(model, work / "copy3", also_read=(aligned, degraded))
@@ -215,7 +224,8 @@ def run_bench(*, model=None, gene=None, aligned=None, degraded=None, synthetic=N
                 for stage in (floor, name):
                     logger.info(f"{stage} (round {round_ + 1} of {repeat})")
                     os.sync()  # no dirty pages of the pass before to write back in this one
-                    runs[stage].append(stage_runs[stage]())
+                    run = stage_runs[stage]()
+                    runs[stage].append(run if stage.startswith("copy") else {**run, "command": stage})
                     if stage != "extract" and not (keep and round_ == repeat - 1 and stage != floor):
                         shutil.rmtree(work / stage)
                 ratios[name].append(runs[name][-1]["gb_per_s"] / runs[floor][-1]["gb_per_s"])

@@ -34,6 +34,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -41,11 +42,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from safegene_fast.cache import cache_root
-from safegene_fast.io import Planned, ShardedWriter, write_text
+from safegene_fast.gene import PEFT_PREFIX
+from safegene_fast.io import Checkpoint, Planned, ShardedWriter, write_text
 from safegene_fast.io.reader import DTYPE_NAMES
 from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
+from safegene_fast.lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS
 from safegene_fast.progress import Progress
 
 # Bump when the generated values change, so stale caches are regenerated.
@@ -289,6 +293,35 @@ def write_family(root: str | os.PathLike, shape: str | LlamaShape, *, dtype: tor
             stamp["members"][m] = record
         _write_stamp(root, stamp)
     return paths
+
+
+LORA_TARGETS = r"\.layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$"  # what task LoRAs usually adapt
+
+
+def write_lora_adapter(folder: str | os.PathLike, base: str | os.PathLike, rank: int, *, seed: int = 0,
+                       targets: str = LORA_TARGETS) -> Path:
+    """A PEFT LoRA adapter folder on ``base`` with float32 factors of rank ``rank`` on every
+    attention and MLP projection (an update of about 1% of each weight's norm), as PEFT saves
+    one: a task fine-tune shipped as LoRA, for benchmarks and tests."""
+    folder, pattern = Path(folder), re.compile(targets)
+    tensors, modules = {}, set()
+    with Checkpoint(base) as ckpt:
+        for name, info in ckpt.tensors.items():
+            if len(info.shape) != 2 or not pattern.search(name):
+                continue
+            out_features, in_features = info.shape
+            g = _generator(seed, name, "lora")
+            module = name.removesuffix(".weight")
+            tensors[f"{PEFT_PREFIX}{module}.lora_A.weight"] = _randn((rank, in_features), g, in_features ** -0.5)
+            tensors[f"{PEFT_PREFIX}{module}.lora_B.weight"] = _randn((out_features, rank), g, 0.01 * rank ** -0.5)
+            modules.add(module.rsplit(".", 1)[1])
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(folder / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(Path(base).resolve()),
+              "r": rank, "lora_alpha": rank, "target_modules": sorted(modules), "lora_dropout": 0.0,
+              "bias": "none", "fan_in_fan_out": False, "inference_mode": True}
+    (folder / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return folder
 
 
 def _generate(root: Path, s: LlamaShape, dtype: torch.dtype, seed: int, members: list[str],
