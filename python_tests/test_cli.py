@@ -220,10 +220,12 @@ def test_parse_size():
 
 def test_bench_synthetic_runs_every_stage(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("SAFEGENE_CACHE", str(tmp_path / "cache"))
-    assert main(["bench", "--synthetic", "llama-tiny", "--json", "--quiet", "--rank", "4", "--repeat", "2"]) == 0
+    assert main(["bench", "--synthetic", "llama-tiny", "--json", "--quiet", "--rank", "4", "--repeat", "2",
+                 "--lora-rank", "8"]) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     stages = {s["command"]: s for s in result["stages"]}
-    assert list(stages) == ["copy", "extract", "apply", "copy+2 reads", "resta"]
+    assert list(stages) == ["copy", "extract", "apply", "apply-lora", "copy+2 reads", "resta"]
+    assert stages["apply-lora"]["bytes"] == stages["apply"]["bytes"]  # it streams the base, as apply the model
     for s in stages.values():
         assert s["bytes"] > 0 and s["seconds"] > 0 and s["vs_copy"] > 0 and "projected_full_s" in s
     assert stages["apply"]["peak_rss_mb"] >= result["import_floor_rss_mb"] * 0.9

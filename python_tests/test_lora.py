@@ -358,3 +358,14 @@ def test_eval_select_and_recalibrate_take_an_adapter_target(tiny_family, tmp_pat
                  "--family", "tiny", "--layers", "1", "--shots", "4", "--quiet"]) == 0
     assert main(["apply", "--model", str(adapter), "--gene", str(gene), "--coeffs", str(tmp_path / "c.json"),
                  "--out", str(tmp_path / "protected"), "--format", "combined", "--quiet"]) == 0
+
+
+def test_base_without_an_adapter_input_and_a_gene_given_as_the_model_are_mistakes(lora, tmp_path, capsys):
+    assert run("apply", "--model", lora["base"], "--base", lora["base"], "--gene", lora["gene"],
+               "--out", tmp_path / "out") != 0
+    assert "no input here is an adapter folder" in capsys.readouterr().err
+    assert run("eval", "--model", lora["base"], "--base", lora["base"]) != 0
+    assert "no input here is an adapter folder" in capsys.readouterr().err
+    assert run("apply", "--model", lora["gene"], "--gene", lora["gene"], "--out", tmp_path / "out") != 0
+    assert "is a safety gene, not a fine-tune" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -62,6 +62,8 @@ def base_of(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -
     """The base model folder of LoRA adapter ``adapter``: ``base`` if given, else the one its
     config names (a folder, or a Hub id found in the local cache)."""
     adapter = Path(adapter)
+    if _is_gene(adapter):
+        raise CheckpointError(f"{adapter}: is a safety gene, not a fine-tune; give it as the gene (--gene).")
     if base is None:
         base = _read_config(adapter).get("base_model_name_or_path")
         if not (isinstance(base, str) and base):
@@ -80,6 +82,16 @@ def base_of(adapter: str | os.PathLike, base: str | os.PathLike | None = None) -
     if is_adapter(base):
         raise CheckpointError(f"{adapter}: its base {base} is itself an adapter; merge that one first.")
     return Path(base)
+
+
+def _is_gene(folder: Path) -> bool:
+    """A gene folder is an adapter too (aligned + gene), but given where a model goes it is a
+    mix-up; adapters written by apply (coefficients or a task update folded in) are models."""
+    try:
+        meta = json.loads((folder / "safegene.json").read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError):
+        return False
+    return isinstance(meta, dict) and meta.get("coefficients_folded", 1.0) == 1.0
 
 
 def _scaling(config: dict, module: str, rank: int) -> float:

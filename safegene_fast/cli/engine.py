@@ -60,7 +60,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 def cmd_apply(args: argparse.Namespace) -> int:
     from safegene_fast.pipeline import apply
     coeffs = load_coeffs(args.coeffs) if args.coeffs else args.alpha
-    check_outputs(args, with_bases([args.model, args.gene], args.base), folders=[args.out])
+    check_outputs(args, [*with_bases([args.model], args.base), args.gene], folders=[args.out])
     start = time.perf_counter()
     apply(args.model, args.gene, args.out, coeffs, format=args.format, max_shard_size=args.max_shard_size,
           device=args.device, overwrite=args.overwrite, allow_nonfinite=args.allow_nonfinite, base=args.base,

@@ -52,6 +52,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     task = read_examples(args.task) if args.task else fam.examples(TARGET_TASK, "heldout")
     harmful, task = harmful[:args.limit], task[:args.limit]
     start = time.perf_counter()
+    with_bases([args.model], args.base)  # --base needs an adapter to be the base of
     model, tokenizer = load_model(args.model, args.adapter, base=args.base)
     check_prompts(args, model, tokenizer, [(chat(tokenizer, harmful), args.harmful, "harmful prompts"),
                                            (chat(tokenizer, [e.prompt for e in task]), args.task, "task prompts")],
@@ -86,10 +87,10 @@ def cmd_select(args: argparse.Namespace) -> int:
         raise UsageError(f"--layers {args.layers}: the gene has only {len(gene.layers)} layers.")
     models = [args.aligned, *args.degraded]
     if args.out:  # a new gene beside the one read
-        check_outputs(args, with_bases([args.gene, *models], args.base), folders=[args.out], files=[args.plot])
+        check_outputs(args, [args.gene, *with_bases(models, args.base)], folders=[args.out], files=[args.plot])
     else:         # the gene is updated in place: one run at a time
         args.locks.enter_context(output_lock(args.gene))
-        check_outputs(args, with_bases([args.gene, *models], args.base), files=[args.plot])
+        check_outputs(args, [args.gene, *with_bases(models, args.base)], files=[args.plot])
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")
     harmless = read_prompts(args.harmless) if args.harmless else [e.prompt for e in fam.examples(toy.BASE_TASK, "fewshot")]
@@ -128,7 +129,7 @@ def cmd_recalibrate(args: argparse.Namespace) -> int:
     from safegene_fast.io import together, write_json
     from safegene_fast.method import recalibrate as rc
     from safegene_fast.models import toy
-    check_outputs(args, with_bases([args.model, args.gene], args.base), files=[args.out, args.log, args.plot])
+    check_outputs(args, [*with_bases([args.model], args.base), args.gene], files=[args.out, args.log, args.plot])
     gene = SafetyGene.load(args.gene)
     fam = family_prompts(args)
     harmful = read_prompts(args.harmful) if args.harmful else fam.harmful("fewshot")

@@ -93,17 +93,20 @@ def add_base_option(p: argparse.ArgumentParser) -> None:
                         "adapter_config.json names, a folder or a Hub id in the local cache)")
 
 
-def with_bases(inputs, base=None) -> list:
-    """``inputs`` and, for each that is a LoRA adapter folder, its base: what an output may not touch."""
+def with_bases(models, base=None) -> list:
+    """``models`` and, for each that is a LoRA adapter folder, its base: what an output may not
+    touch. ``--base`` with no adapter among ``models`` is a mistake, not something to ignore."""
     from safegene_fast.io import CheckpointError
     from safegene_fast.lora import base_of, is_adapter
-    out = list(inputs)
-    for path in inputs:
-        if path is not None and is_adapter(path):
-            try:
-                out.append(base_of(path, base))
-            except CheckpointError:  # the run itself says what is wrong with it
-                pass
+    adapters = [path for path in models if path is not None and is_adapter(path)]
+    if base is not None and not adapters:
+        raise UsageError("--base is the base model of LoRA adapter inputs, and no input here is an adapter folder.")
+    out = list(models)
+    for path in adapters:
+        try:
+            out.append(base_of(path, base))
+        except CheckpointError:  # the run itself says what is wrong with it
+            pass
     return out
 
 

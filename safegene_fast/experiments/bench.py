@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from safegene_fast.gene import layer_of
-from safegene_fast.io import Checkpoint
+from safegene_fast.lora import open_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -119,7 +119,8 @@ def import_floor_rss_mb() -> float:
 
 
 def shard_files(model: str | os.PathLike) -> list[Path]:
-    with Checkpoint(model) as ckpt:
+    """The files a pass over ``model`` reads (a LoRA adapter's: its base's)."""
+    with open_checkpoint(model) as ckpt:
         return sorted({info.file for info in ckpt.tensors.values()})
 
 
@@ -140,7 +141,7 @@ def copy_floor(model: str | os.PathLike, out: str | os.PathLike, also_read=()) -
 def projection_scale(model: str | os.PathLike, full_layers: int) -> tuple[float, float]:
     """Factors from this checkpoint's time to the full model's, for a pass over every tensor and
     for a pass over the layers only (extract): layer bytes scale with the layer count."""
-    with Checkpoint(model) as ckpt:
+    with open_checkpoint(model) as ckpt:
         layers = {layer_of(n) for n in ckpt.tensors} - {None}
         layer_bytes = sum(i.nbytes for n, i in ckpt.tensors.items() if layer_of(n) is not None)
         other = sum(i.nbytes for n, i in ckpt.tensors.items() if layer_of(n) is None)
