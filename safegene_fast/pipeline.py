@@ -19,6 +19,7 @@ import torch
 from safegene_fast import ops
 from safegene_fast.ops import KERNEL_DTYPES  # tensors of any other dtype are copied, never merged
 from safegene_fast._version import __version__
+from safegene_fast.architecture import ModuleNames
 from safegene_fast.card import CARD_NAME, model_card
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
 from safegene_fast.io import (
@@ -32,8 +33,11 @@ from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
 from safegene_fast.progress import Progress
 
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
-# projections); embeddings, the LM head and norms are outside this pattern or 1-D.
+# projections, MoE experts); embeddings, the LM head and norms are outside this pattern or 1-D.
+# Without an explicit include, DEFAULT_EXCLUDE also leaves out MoE routers and the layers of a
+# multimodal model's vision (or audio) tower: the gene is the language model's.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
+DEFAULT_EXCLUDE = r"\.(block_sparse_moe|mlp)\.gate\.weight$|(^|\.)(vision_tower|vision_model|audio_tower|multi_modal_projector)\."
 MAX_POWER_ITERS = 20   # each is two passes over the delta; past a few the factors stop changing
 MAX_OVERSAMPLE = 512
 PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
@@ -47,11 +51,13 @@ def _pattern(text: str) -> re.Pattern:
 
 
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
-    """Weight names whose module gets a gene factor."""
+    """Weight names whose module gets a gene factor (an explicit ``include`` is taken as is: it
+    can bring in routers and towers, which the default leaves out)."""
     inc, exc = _pattern(include or DEFAULT_INCLUDE), _pattern(exclude) if exclude else None
+    default_exc = _pattern(DEFAULT_EXCLUDE) if not include else None
     return [n for n, info in ckpt.tensors.items()
             if len(info.shape) == 2 and info.dtype in KERNEL_DTYPES
-            and inc.search(n) and not (exc and exc.search(n))]
+            and inc.search(n) and not (exc and exc.search(n)) and not (default_exc and default_exc.search(n))]
 
 
 class NonFiniteError(CheckpointError):
@@ -303,7 +309,7 @@ def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: s
         _check_gene_fits(model, ckpt, gene)
         card = protected_card(model, gene, coeffs, "peft", ckpt.folder)
     return gene.save(out, overwrite=overwrite, base_model=model_reference(model), coeffs=coeffs,
-                     inputs=[model, *gene_inputs(gene)], card=card)
+                     inputs=[model, *gene_inputs(gene)], card=card, names=ModuleNames.of(ckpt.folder))
 
 
 def protected_card(model, gene: SafetyGene, coeffs: dict[str, float] | float, kind: str, folder: Path) -> str:

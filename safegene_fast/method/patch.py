@@ -1,8 +1,14 @@
 """The gene on a loaded model through the low-rank path: ``x -> W x + alpha * B (A x)``.
 
-Forward hooks on the gene's modules add the scaled low-rank product to each output, so layer
-selection and recalibration can try coefficients (and take gradients in them) without ever
-materializing a full weight. ``GenePatch`` is a context manager; leaving it removes the hooks.
+Forward hooks on the gene's linear and embedding modules add the scaled low-rank product to each
+output, so layer selection and recalibration can try coefficients (and take gradients in them)
+without ever materializing a full weight. The gene's modules are named as the checkpoint stores
+them and found in the loaded model through ``architecture.ModuleNames``. Fused MoE experts (3-D
+parameters, not linear layers) and other weights used outside a linear layer (an MoE router) are
+the exception: during their module's forward the parameter is replaced by
+``W + sum alpha * B @ A`` over the gene's experts in it (one weight-sized temporary per such
+module). ``GenePatch`` is a context manager; leaving it removes every hook and restores every
+parameter.
 """
 
 from __future__ import annotations
@@ -11,7 +17,8 @@ from contextlib import contextmanager
 
 import torch
 
-from safegene_fast.eval.generate import ModelError, check_factors_fit
+from safegene_fast.architecture import ModuleNames
+from safegene_fast.eval.generate import ModelError, check_factors_fit, model_name
 from safegene_fast.gene import SafetyGene
 
 
@@ -24,8 +31,19 @@ def check_fits(model: torch.nn.Module, gene: SafetyGene, layers: list[int] | Non
     if absent:
         raise ModelError(f"{source}: layer {absent[0]} is not one of the gene's layers "
                          f"({', '.join(map(str, gene.layers))}).")
-    check_factors_fit(model, {name: (m.B.shape[0], m.A.shape[1]) for name, m in gene.modules.items()
-                              if m.layer in layers}, source, "gene")
+    names, params, shapes = ModuleNames.of_model(model), dict(model.named_parameters()), {}
+    for name, m in gene.modules.items():
+        if m.layer not in layers:
+            continue
+        expert = names.expert(name)
+        if expert is None:
+            shapes[names.loaded(name)] = (m.B.shape[0], m.A.shape[1])
+        elif expert.index >= expert.count or expert.shape != (m.B.shape[0], m.A.shape[1]):
+            raise ModelError(f"{source}: the gene's factors for expert module {name!r} make a "
+                             f"[{m.B.shape[0]}, {m.A.shape[1]}] weight, but {model_name(model)} has "
+                             f"{expert.count} experts of {list(expert.shape)} in {expert.parameter!r}; the gene "
+                             f"must come from this model's family.")
+    check_factors_fit(model, shapes, source, "gene")
 
 
 class GenePatch:
@@ -66,14 +84,65 @@ class GenePatch:
             return output + self.alpha[index].to(output.dtype) * ((x @ A.T.to(x.dtype)) @ B.T.to(x.dtype))
         return hook
 
+    def _embedding_hook(self, index: int, B: torch.Tensor, A: torch.Tensor):
+        """Rows of ``B @ A`` for the looked-up ids (times the module's own scale, as Gemma's has)."""
+        def hook(module, inputs, output):
+            scale = getattr(module, "embed_scale", 1.0)
+            delta = torch.nn.functional.embedding(inputs[0], B.to(output.dtype)) @ A.to(output.dtype)
+            return output + self.alpha[index].to(output.dtype) * delta * scale
+        return hook
+
+    def _swap_hooks(self, module: torch.nn.Module, param: str, terms: list):
+        """Hooks that replace ``module.<param>`` by ``W + sum alpha * B @ A`` (each term at its
+        ``where`` index into W: an expert's rows, or all of W) for the module's forward."""
+        def pre(mod, args):
+            original = mod._parameters.pop(param)
+            self._swapped.append((mod, param, original))
+            weight = original.clone()
+            for index, B, A, where in terms:
+                delta = self.alpha[index].to(torch.float32) * (B.float() @ A.float())
+                weight[where] += delta.to(weight.dtype)
+            object.__setattr__(mod, param, weight)
+
+        def post(mod, args, output):
+            self._restore()
+        return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
+
+    def _restore(self) -> None:
+        while self._swapped:
+            mod, param, original = self._swapped.pop()
+            mod.__dict__.pop(param, None)
+            mod._parameters[param] = original
+
     def __enter__(self) -> GenePatch:
+        names, swaps = ModuleNames.of_model(self._model), {}
+        self._swapped = []
         for name in self.modules:
             m = self._gene.modules[name]
             index = self.keys.index(name if self._per_module else str(m.layer))
-            self._handles.append(self._named[name].register_forward_hook(self._hook(index, m.B, m.A)))
+            expert = names.expert(name)
+            if expert is not None:
+                owner, param = expert.parameter.rsplit(".", 1)
+                rows = slice(expert.part * expert.shape[0], (expert.part + 1) * expert.shape[0])
+                swaps.setdefault((owner, param), []).append((index, m.B, m.A, (expert.index, rows)))
+                continue
+            loaded = names.loaded(name)
+            module = self._named[loaded]
+            if isinstance(module, torch.nn.Linear):
+                self._handles.append(module.register_forward_hook(self._hook(index, m.B, m.A)))
+            elif isinstance(module, torch.nn.Embedding):
+                self._handles.append(module.register_forward_hook(self._embedding_hook(index, m.B, m.A)))
+                head = self._model.get_output_embeddings() if module is self._model.get_input_embeddings() else None
+                if head is not None and head.weight is module.weight:  # tied: the LM head is this weight too
+                    self._handles.append(head.register_forward_hook(self._hook(index, m.B, m.A)))
+            else:
+                swaps.setdefault((loaded, "weight"), []).append((index, m.B, m.A, slice(None)))
+        for (owner, param), terms in swaps.items():
+            self._handles.extend(self._swap_hooks(self._named[owner], param, terms))
         return self
 
     def __exit__(self, *exc) -> None:
+        self._restore()  # a forward that raised leaves its module's parameter swapped
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
