@@ -110,8 +110,9 @@ def check_peft_equals_merged(root, arch, gene, coeffs, tmp_path):
     target = load(root / "target", arch)
     own = logits(target)
     assert not torch.allclose(own, merged, atol=1e-4)
-    with GenePatch(target, gene) as patch:
-        patch.set(coeffs)
+    layered = all(m.layer is not None for m in gene.modules.values())
+    with GenePatch(target, gene, per_module=not layered) as patch:  # per module: embeddings have no layer
+        patch.set(coeffs if layered else {name: gene.coefficient_for(name, coeffs) for name in patch.keys})
         torch.testing.assert_close(logits(target), merged, atol=2e-5, rtol=1e-4)
     assert torch.equal(logits(target), own)  # the patch is gone
     adapted = PeftModel.from_pretrained(load(root / "target", arch), tmp_path / "adapter")
@@ -193,10 +194,10 @@ def test_gemma3_multimodal_vision_tower_has_its_own_layers(family, tmp_path):
 def test_adapter_key_that_lands_nowhere_is_an_error_at_write(family, tmp_path):
     root = family("gemma3")
     gene = sg.extract(root / "aligned", [root / "degraded"], rank=2)
-    with pytest.raises(CheckpointError, match="model.language_model.layers.0.self_attn.q_proj"):
-        gene.save(tmp_path / "wrong", names=ModuleNames.of(family("llama") / "aligned"))  # not renamed for llama
+    with pytest.raises(CheckpointError, match=r"targets module 'language_model\.model\.layers\.0\..*does not have"):
+        gene.save(tmp_path / "wrong", names=ModuleNames.of(family("llama") / "aligned"))  # checkpoint names kept
     assert not (tmp_path / "wrong").exists()
-    name = next(iter(gene.modules))
+    name = "language_model.model.layers.0.self_attn.q_proj"
     gene.modules[name.replace("q_proj", "qq_proj")] = gene.modules.pop(name)
     with pytest.raises(CheckpointError, match="qq_proj"):
         gene.save(tmp_path / "typo")
@@ -210,8 +211,10 @@ def test_genes_with_checkpoint_named_keys_still_load(family, tmp_path):
     tensors = load_file(str(tmp_path / "gene" / "adapter_model.safetensors"))
     old = {}
     for name, info in meta["modules"].items():  # as genes were written before: checkpoint names
+        key = info.pop("adapter_key")
+        assert key != name
         for part in ("lora_A", "lora_B"):
-            old[f"base_model.model.{name}.{part}.weight"] = tensors[f"base_model.model.{info.pop('adapter_key')}.{part}.weight"]
+            old[f"base_model.model.{name}.{part}.weight"] = tensors[f"base_model.model.{key}.{part}.weight"]
     save_file(old, str(tmp_path / "gene" / "adapter_model.safetensors"))
     (tmp_path / "gene" / "safegene.json").write_text(json.dumps(meta))
     again = SafetyGene.load(tmp_path / "gene")

@@ -22,9 +22,11 @@ from safegene_fast.eval.generate import ModelError, check_factors_fit, model_nam
 from safegene_fast.gene import SafetyGene
 
 
-def check_fits(model: torch.nn.Module, gene: SafetyGene, layers: list[int] | None = None) -> None:
-    """The gene's factors for ``layers`` (default: all its layers) fit ``model``: the gene has
-    those layers, and the model has each of their modules with the factors' shape."""
+def check_fits(model: torch.nn.Module, gene: SafetyGene, layers: list[int] | None = None,
+               unlayered: bool = False) -> None:
+    """The gene's factors for ``layers`` (default: all its layers; with ``unlayered`` also its
+    modules outside any layer, such as embeddings) fit ``model``: the gene has those layers, and
+    the model has each of their modules with the factors' shape."""
     source = str(gene.folder) if gene.folder is not None else "the gene"
     layers = gene.layers if layers is None else layers
     absent = sorted(set(layers) - set(gene.layers))
@@ -33,7 +35,7 @@ def check_fits(model: torch.nn.Module, gene: SafetyGene, layers: list[int] | Non
                          f"({', '.join(map(str, gene.layers))}).")
     names, params, shapes = ModuleNames.of_model(model), dict(model.named_parameters()), {}
     for name, m in gene.modules.items():
-        if m.layer not in layers:
+        if not (m.layer in layers or (unlayered and m.layer is None)):
             continue
         expert = names.expert(name)
         if expert is None:
@@ -50,7 +52,8 @@ class GenePatch:
     """``with GenePatch(model, gene, layers) as patch: patch.set(alphas); model(...)``.
 
     One coefficient per layer in ``layers`` (default: every layer of the gene), or one per module
-    with ``per_module``. ``patch.alpha`` is a tensor that may require grad; modules of
+    with ``per_module`` (then the gene's modules outside any layer, such as embeddings or a vision
+    tower's, are patched too). ``patch.alpha`` is a tensor that may require grad; modules of
     layers outside ``layers`` get nothing.
     """
 
@@ -58,8 +61,9 @@ class GenePatch:
                  per_module: bool = False):
         named = dict(model.named_modules())
         self.layers = list(gene.layers if layers is None else layers)
-        check_fits(model, gene, self.layers)
-        self.modules = [name for name, m in gene.modules.items() if m.layer in self.layers]
+        check_fits(model, gene, self.layers, unlayered=per_module)
+        self.modules = [name for name, m in gene.modules.items()
+                        if m.layer in self.layers or (per_module and m.layer is None)]
         self.keys = self.modules if per_module else [str(layer) for layer in self.layers]
         self.alpha = torch.zeros(len(self.keys), dtype=torch.float64)
         self._model, self._gene, self._named, self._per_module = model, gene, named, per_module
