@@ -145,13 +145,15 @@ class ModuleNames:
             return module.endswith("embed_tokens")
         return isinstance(dict(self.model().named_modules()).get(self.loaded(module)), torch.nn.Embedding)
 
-    def ties_embeddings(self) -> bool:
-        """The output embedding (LM head) is the input embedding's weight."""
+    def tied_head(self) -> str | None:
+        """The loaded name of the output embedding (LM head) when it is the input embedding's weight."""
         if self.identity:
-            return False
+            return None
         model = self.model()
         out = model.get_output_embeddings()
-        return out is not None and out.weight is model.get_input_embeddings().weight
+        if out is None or out.weight is not model.get_input_embeddings().weight:
+            return None
+        return next(name for name, module in model.named_modules() if module is out)
 
     def check_targets(self, shapes: dict[str, tuple[int, int]]) -> None:
         """Every adapter target (loaded name -> (out, in) of ``B @ A``) is a module PEFT wraps as a

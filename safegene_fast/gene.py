@@ -143,6 +143,7 @@ class SafetyGene:
                 factors[name] = (torch.nn.functional.pad(B, (0, pad)), torch.nn.functional.pad(A, (0, 0, 0, pad)))
         keys = {name: name if names.expert(name) else names.loaded(name) for name in factors}
         names.check_targets({names.loaded(name): (B.shape[0], A.shape[1]) for name, (B, A) in factors.items()})
+        head = names.tied_head() if any(names.is_embedding(n) for n in factors) else None
         with atomic_folder(folder, overwrite=overwrite, inputs=inputs) as tmp:
             tensors, ranks = {}, {}
             for name, (B, A) in factors.items():
@@ -150,6 +151,9 @@ class SafetyGene:
                 if names.is_embedding(name):  # PEFT: delta = (lora_embedding_B @ lora_embedding_A).T
                     tensors[f"{key}.lora_embedding_A"] = B.T.contiguous()
                     tensors[f"{key}.lora_embedding_B"] = A.T.contiguous()
+                    if head is not None:  # the tied LM head: PEFT ties its factors to these
+                        tensors[f"{PEFT_PREFIX}{head}.lora_A.weight"] = A.contiguous()
+                        tensors[f"{PEFT_PREFIX}{head}.lora_B.weight"] = B.contiguous()
                 else:
                     tensors[f"{key}.lora_A.weight"] = A.contiguous()
                     tensors[f"{key}.lora_B.weight"] = B.contiguous()
@@ -163,7 +167,7 @@ class SafetyGene:
                 "target_modules": sorted(set(keys.values())), "lora_dropout": 0.0, "bias": "none",
                 "fan_in_fan_out": False, "inference_mode": True,
             }
-            if names.ties_embeddings() and any(names.is_embedding(n) for n in factors):
+            if head is not None:
                 config["ensure_weight_tying"] = True  # the LM head is the embedding: it gets the factors too
             write_json(tmp / "adapter_config.json", config)
             meta = {
