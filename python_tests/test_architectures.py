@@ -43,8 +43,9 @@ def config(arch: str):
         return T.Phi3Config(**{k: v for k, v in common.items() if k != "head_dim"})
     if arch == "mixtral":
         return T.MixtralConfig(**common, num_local_experts=3, num_experts_per_tok=2)
-    if arch == "qwen3_moe":
-        return T.Qwen3MoeConfig(**common, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=24)
+    if arch in ("qwen3_moe", "qwen3_moe_dense0"):  # dense0: layer 0 a dense MLP of the same leaf names
+        return T.Qwen3MoeConfig(**common, num_experts=3, num_experts_per_tok=2, moe_intermediate_size=24,
+                                mlp_only_layers=[0] if arch == "qwen3_moe_dense0" else [])
     assert arch == "gemma3"
     vision = T.SiglipVisionConfig(hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
                                   image_size=16, patch_size=8)
@@ -173,6 +174,20 @@ def test_router_opt_in_merges_and_patches_but_is_no_adapter(family, tmp_path):
     with pytest.raises(CheckpointError, match=r"block_sparse_moe.gate|mlp\.gate'.*PEFT does not wrap"):
         sg.apply(root / "target", gene, tmp_path / "adapter", 1.0, format="peft")
     assert not (tmp_path / "adapter").exists()
+
+
+def test_dense_layer_named_like_experts_is_no_adapter(family, tmp_path):
+    """PEFT would load Qwen3-MoE's dense-layer mlp.down_proj as the fused experts: refused at write."""
+    root = family("qwen3_moe_dense0")
+    gene = sg.extract(root / "aligned", [root / "degraded"], rank=4)
+    assert "model.layers.0.mlp.down_proj" in gene.modules and "model.layers.1.mlp.experts.0.down_proj" in gene.modules
+    sg.apply(root / "target", gene, tmp_path / "merged", COEFFS)
+    target = load(root / "target", "qwen3_moe_dense0")
+    with GenePatch(target, gene) as patch:
+        patch.set(COEFFS)
+        torch.testing.assert_close(logits(target), logits(load(tmp_path / "merged", "qwen3_moe")), atol=2e-5, rtol=1e-4)
+    with pytest.raises(CheckpointError, match=r"'model\.layers\.0\.mlp\.(down|gate|up)_proj'.*fused MoE experts"):
+        sg.apply(root / "target", gene, tmp_path / "adapter", COEFFS, format="peft")
 
 
 def test_gemma3_multimodal_vision_tower_has_its_own_layers(family, tmp_path):

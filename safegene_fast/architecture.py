@@ -162,12 +162,21 @@ class ModuleNames:
         if self.identity:
             return
         from torch import nn
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter
         model = self.model()
         modules, params = dict(model.named_modules()), dict(model.named_parameters())
         wrappable = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+        # PEFT converts an adapter target to a fused expert parameter by its last name alone
+        expert_leaves = {p.removesuffix(".weight").rsplit(".", 1)[-1] for t in get_model_conversion_mapping(model)
+                         if isinstance(t, WeightConverter) for p in t.source_patterns if "*" in p}
         for name, (out, inp) in shapes.items():
             if name in params and params[name].dim() == 3:
                 continue  # a fused expert parameter: PEFT converts the per-expert keys onto it
+            if name.rsplit(".", 1)[-1] in expert_leaves:
+                raise CheckpointError(f"{self.source}: the adapter targets module {name!r}, which PEFT would take for "
+                                      f"fused MoE experts of the same name; leave it out of the gene or write a "
+                                      f"merged checkpoint.")
             module = modules.get(name)
             if module is None:
                 raise CheckpointError(f"{self.source}: the adapter targets module {name!r}, which the model "
