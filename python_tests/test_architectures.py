@@ -147,6 +147,7 @@ def test_moe_energy_gene_loads_in_peft(family, arch, tmp_path):
     expert_ranks = {m.rank for n, m in gene.modules.items() if ".experts." in n}
     assert len(expert_ranks) > 1
     check_peft_equals_merged(root, arch, gene, COEFFS, tmp_path)
+    check_peft_equals_merged(root, arch, gene, {"1": 1.0}, tmp_path / "layer1")  # layer 0's experts: zeros
     gene.save(tmp_path / "gene")
     assert {n: m.rank for n, m in SafetyGene.load(tmp_path / "gene").modules.items()} == \
         {n: m.rank for n, m in gene.modules.items()}

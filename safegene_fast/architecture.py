@@ -70,7 +70,16 @@ class ModuleNames:
     def of(cls, folder: str | os.PathLike | None) -> ModuleNames:
         if folder is None:
             return cls()
-        return _for_folder(str(Path(folder).resolve()) if Path(folder).exists() else str(folder))
+        path = Path(folder)
+        if path.is_file():  # one .safetensors file: its folder's config
+            path = path.parent
+        elif not path.exists():  # a Hub id, as Checkpoint reads it: from the local cache
+            from safegene_fast.io.reader import from_hub_cache
+            try:
+                path = from_hub_cache(str(folder))
+            except CheckpointError:
+                return cls(source=str(folder))
+        return _for_folder(str(path.resolve()))
 
     @classmethod
     def of_model(cls, model) -> ModuleNames:
@@ -129,6 +138,19 @@ class ModuleNames:
         """Where a per-expert checkpoint weight is in the fused parameter, or None for other modules."""
         return self._resolve(module)[1]
 
+    def fused_alike(self, expert: Expert) -> list[Expert]:
+        """Every fused parameter PEFT targets along with ``expert.parameter`` (it matches them by
+        their last name, so in every MoE layer), each as its expert 0."""
+        leaf = expert.parameter.rsplit(".", 1)[-1]
+        layer = re.compile(r"\.layers\.\d+\.")
+        alike = []
+        for name, param in self.model().named_parameters():
+            found = layer.search(name)
+            if name.endswith(f".{leaf}") and param.dim() == 3 and found:
+                template = tuple(layer.sub(found[0], t, count=1) for t in expert.template)
+                alike.append(Expert(name, 0, 0, expert.count, expert.shape, template))
+        return alike
+
     def checkpoint(self, module: str) -> str:
         """The checkpoint name of the loaded module ``module``, one ``loaded`` has mapped (a fused
         expert parameter has one checkpoint name per expert, so it has none here)."""
@@ -155,10 +177,10 @@ class ModuleNames:
             return None
         return next(name for name, module in model.named_modules() if module is out)
 
-    def check_targets(self, shapes: dict[str, tuple[int, int]]) -> None:
-        """Every adapter target (loaded name -> (out, in) of ``B @ A``) is a module PEFT wraps as a
-        LoRA layer in this model, with those features, or a fused expert parameter; else a
-        one-sentence error naming the module. Built on the meta device: no weights are read."""
+    def check_targets(self, targets) -> None:
+        """Every adapter target (a loaded name) is a module PEFT wraps as a LoRA layer in this model,
+        or a fused expert parameter; else a one-sentence error naming the module. Built on the meta
+        device: no weights are read (shapes are checked against the checkpoint itself)."""
         if self.identity:
             return
         from torch import nn
@@ -170,7 +192,7 @@ class ModuleNames:
         # PEFT converts an adapter target to a fused expert parameter by its last name alone
         expert_leaves = {p.removesuffix(".weight").rsplit(".", 1)[-1] for t in get_model_conversion_mapping(model)
                          if isinstance(t, WeightConverter) for p in t.source_patterns if "*" in p}
-        for name, (out, inp) in shapes.items():
+        for name in targets:
             if name in params and params[name].dim() == 3:
                 continue  # a fused expert parameter: PEFT converts the per-expert keys onto it
             if name.rsplit(".", 1)[-1] in expert_leaves:
@@ -185,12 +207,6 @@ class ModuleNames:
                 raise CheckpointError(f"{self.source}: the adapter targets module {name!r}, a "
                                       f"{type(module).__name__} that PEFT does not wrap as a LoRA layer; leave it out "
                                       f"of the gene or write a merged checkpoint.")
-            weight = module.weight
-            features = (weight.shape[0], weight.shape[1]) if not isinstance(module, nn.Embedding) else \
-                (module.num_embeddings, module.embedding_dim)
-            if features != (out, inp):
-                raise CheckpointError(f"{self.source}: the adapter's factors for module {name!r} make a "
-                                      f"[{out}, {inp}] weight, but the model has {list(features)} there.")
 
 
 def _meta_state_dict(model) -> dict:

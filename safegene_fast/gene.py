@@ -133,7 +133,8 @@ class SafetyGene:
         factors = {name: (m.scaled_B(self.coefficient_for(name, coeffs)), m.A) for name, m in kept.items()}
         experts = {name: e for name in kept if (e := names.expert(name)) is not None}
         expert_rank = max((kept[name].rank for name in experts), default=0)
-        for e in {e.parameter: e for e in experts.values()}.values():  # every expert and part, one rank
+        fused = {a.parameter: a for e in experts.values() for a in names.fused_alike(e)}
+        for e in fused.values():  # every expert and part of every fused parameter PEFT targets, one rank
             for name in e.modules():
                 B, A = factors.get(name, (None, None))
                 dtype = kept[next(iter(experts))].A.dtype
@@ -142,7 +143,7 @@ class SafetyGene:
                 pad = expert_rank - A.shape[0]
                 factors[name] = (torch.nn.functional.pad(B, (0, pad)), torch.nn.functional.pad(A, (0, 0, 0, pad)))
         keys = {name: name if names.expert(name) else names.loaded(name) for name in factors}
-        names.check_targets({names.loaded(name): (B.shape[0], A.shape[1]) for name, (B, A) in factors.items()})
+        names.check_targets(sorted({names.loaded(name) for name in factors}))
         head = names.tied_head() if any(names.is_embedding(n) for n in factors) else None
         with atomic_folder(folder, overwrite=overwrite, inputs=inputs) as tmp:
             tensors, ranks = {}, {}
