@@ -134,10 +134,10 @@ class SafetyGene:
         experts = {name: e for name in kept if (e := names.expert(name)) is not None}
         expert_rank = max((kept[name].rank for name in experts), default=0)
         fused = {a.parameter: a for e in experts.values() for a in names.fused_alike(e)}
+        dtype = next((kept[name].A.dtype for name in experts), None)
         for e in fused.values():  # every expert and part of every fused parameter PEFT targets, one rank
             for name in e.modules():
                 B, A = factors.get(name, (None, None))
-                dtype = kept[next(iter(experts))].A.dtype
                 if B is None:
                     B, A = torch.zeros(e.shape[0], 0, dtype=dtype), torch.zeros(0, e.shape[1], dtype=dtype)
                 pad = expert_rank - A.shape[0]

@@ -97,30 +97,28 @@ class GenePatch:
         return hook
 
     def _swap_hooks(self, module: torch.nn.Module, param: str, terms: list):
-        """Hooks that replace ``module.<param>`` by ``W + sum alpha * B @ A`` (each term at its
-        ``where`` index into W: an expert's rows, or all of W) for the module's forward."""
+        """Hooks that shadow ``module.<param>`` by ``W + sum alpha * B @ A`` (each term at its
+        ``where`` index into W: an expert's rows, or all of W) for the module's forward: an
+        instance attribute of that name is found before the module's parameters."""
         def pre(mod, args):
-            original = mod._parameters.pop(param)
-            self._swapped.append((mod, param, original))
-            weight = original.clone()
+            weight = mod._parameters[param].clone()
             for index, B, A, where in terms:
-                delta = self.alpha[index].to(torch.float32) * (B.float() @ A.float())
-                weight[where] += delta.to(weight.dtype)
-            object.__setattr__(mod, param, weight)
+                weight[where] += (self.alpha[index].to(torch.float32) * (B.float() @ A.float())).to(weight.dtype)
+            mod.__dict__[param] = weight
+            self._shadowed.append((mod, param))
 
         def post(mod, args, output):
-            self._restore()
+            self._unshadow()
         return module.register_forward_pre_hook(pre), module.register_forward_hook(post)
 
-    def _restore(self) -> None:
-        while self._swapped:
-            mod, param, original = self._swapped.pop()
+    def _unshadow(self) -> None:
+        while self._shadowed:
+            mod, param = self._shadowed.pop()
             mod.__dict__.pop(param, None)
-            mod._parameters[param] = original
 
     def __enter__(self) -> GenePatch:
         names, swaps = ModuleNames.of_model(self._model), {}
-        self._swapped = []
+        self._shadowed = []
         for name in self.modules:
             m = self._gene.modules[name]
             index = self.keys.index(name if self._per_module else str(m.layer))
@@ -146,7 +144,7 @@ class GenePatch:
         return self
 
     def __exit__(self, *exc) -> None:
-        self._restore()  # a forward that raised leaves its module's parameter swapped
+        self._unshadow()  # a forward that raised leaves its module's parameter shadowed
         for handle in self._handles:
             handle.remove()
         self._handles.clear()
