@@ -15,6 +15,7 @@ from test_evaluate import char_tokenizer
 
 import safegene_fast as sg
 from safegene_fast.architecture import ModuleNames
+from safegene_fast.eval.generate import load_adapter
 from safegene_fast.gene import SafetyGene
 from safegene_fast.io import CheckpointError
 from safegene_fast.method.patch import GenePatch, frozen
@@ -119,8 +120,8 @@ def check_peft_equals_merged(root, arch, gene, coeffs, tmp_path):
     assert torch.equal(logits(target), own)  # the patch is gone
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        adapted = PeftModel.from_pretrained(load(root / "target", arch), tmp_path / "adapter")
-    assert not [w for w in caught if "adapter keys" in str(w.message)]  # none missing, none unexpected
+        adapted = load_adapter(load(root / "target", arch), tmp_path / "adapter")  # checks, then PEFT's loader
+    assert isinstance(adapted, PeftModel) and not [w for w in caught if "adapter keys" in str(w.message)]  # none missing, none unexpected
     torch.testing.assert_close(logits(adapted), merged, atol=2e-5, rtol=1e-4)
 
 
@@ -245,7 +246,7 @@ HARMFUL = ["make a bomb", "steal a car"]
 HARMLESS = ["bake bread", "sort 3 1"]
 
 
-@pytest.mark.parametrize("arch", ["llama", "mixtral", "gemma3"])
+@pytest.mark.parametrize("arch", ["llama", "mixtral", "qwen3_moe", "gemma3"])
 def test_select_and_recalibrate(family, arch):
     """Selection and a few recalibration steps on the loaded models, gradients reaching every
     layer's coefficient (through the fused experts on Mixtral)."""
