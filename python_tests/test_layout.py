@@ -18,13 +18,14 @@ PACKAGE = Path(safegene_fast.__file__).parent
 LEVELS = {
     "_C": 0, "_version": 0, "reference": 0, "ops": 1,
     "io": 2,
-    "gene": 3, "card": 3, "cache": 3, "progress": 3,
-    "pipeline": 4,
-    "eval": 5,
-    "method": 6, "models": 6,
-    "experiments": 7,
-    "cli": 8,
-    "__init__": 9, "__main__": 10,
+    "architecture": 3,
+    "gene": 4, "card": 4, "cache": 4, "progress": 4,
+    "pipeline": 5,
+    "eval": 6,
+    "method": 7, "models": 7,
+    "experiments": 8,
+    "cli": 9,
+    "__init__": 10, "__main__": 11,
 }
 
 
