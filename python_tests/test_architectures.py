@@ -193,21 +193,36 @@ def test_dense_layer_named_like_experts_is_no_adapter(family, tmp_path):
 
 
 def test_gemma3_multimodal_vision_tower_has_its_own_layers(family, tmp_path):
+    """Opted in, the vision tower's layers are keyed "vision_tower.N": {"0": x} leaves them as they
+    are, and with their own keys the adapter, the merge and the patch agree on an image prompt."""
     root = family("gemma3")
     gene = sg.extract(root / "aligned", [root / "degraded"], rank=2, include=r"\.layers\.\d+\..*\.weight$")
     vision = [n for n in gene.modules if n.startswith("vision_tower.")]
     assert vision and gene.layers == [0, 1]  # the vision tower's layers are not the language model's
     assert gene.coefficient_for(vision[0], {"0": 0.8, "1": 0.8}) == 0.0
-    sg.apply(root / "target", gene, tmp_path / "lm", {"0": 0.8, "1": 0.8}, format="peft")
-    keys = load_file(str(tmp_path / "lm" / "adapter_model.safetensors"))
-    assert keys and all(".language_model." in k for k in keys)
-    sg.apply(root / "target", gene, tmp_path / "both", {"0": 0.8, "vision_tower.1": 0.5}, format="peft")
-    keys = load_file(str(tmp_path / "both" / "adapter_model.safetensors"))
-    assert any(k.startswith("base_model.model.model.vision_tower.") and ".layers.1." in k for k in keys)
-    assert not any(k.startswith("base_model.model.model.vision_tower.") and ".layers.0." in k for k in keys)
-    adapted = PeftModel.from_pretrained(load(root / "target", "gemma3"), tmp_path / "both")
-    wrapped = [n for n, _ in adapted.named_modules() if n.endswith("lora_A")]
-    assert len(wrapped) == len({k.rsplit(".lora_", 1)[0] for k in keys})  # every key landed on a module
+    sg.apply(root / "target", gene, tmp_path / "lm", {"0": 0.8, "1": 0.8})
+    merged, target = (load_file(str(f / "model.safetensors")) for f in (tmp_path / "lm", root / "target"))
+    assert all(torch.equal(merged[k], t) for k, t in target.items() if k.startswith("vision_tower."))
+    assert not torch.equal(merged["language_model.model.layers.0.mlp.down_proj.weight"],
+                           target["language_model.model.layers.0.mlp.down_proj.weight"])
+
+    coeffs = {"0": 0.8, "vision_tower.1": 0.5}
+    sg.apply(root / "target", gene, tmp_path / "merged", coeffs)
+    sg.apply(root / "target", gene, tmp_path / "adapter", coeffs, format="peft")
+    keys = load_file(str(tmp_path / "adapter" / "adapter_model.safetensors"))
+    towers = [k for k in keys if k.startswith("base_model.model.model.vision_tower.")]
+    assert towers and all(".layers.1." in k for k in towers)
+    prompt = {"input_ids": torch.tensor([[1, V - 2, *[V - 1] * 4, V - 3, 10, 11, 12]]),  # one image's 4 tokens
+              "pixel_values": torch.randn(1, 3, 16, 16, generator=torch.Generator().manual_seed(0))}
+    with torch.no_grad():
+        expected = load(tmp_path / "merged", "gemma3")(**prompt).logits
+        adapted = load_adapter(load(root / "target", "gemma3"), tmp_path / "adapter")
+        torch.testing.assert_close(adapted(**prompt).logits, expected, atol=2e-5, rtol=1e-4)
+        target = load(root / "target", "gemma3")
+        assert not torch.allclose(target(**prompt).logits, expected, atol=1e-4)
+        with GenePatch(target, gene, per_module=True) as patch:
+            patch.set({name: gene.coefficient_for(name, coeffs) for name in patch.keys})
+            torch.testing.assert_close(target(**prompt).logits, expected, atol=2e-5, rtol=1e-4)
     with pytest.raises(ValueError, match="vision_tower.7"):
         gene.check_coefficients({"vision_tower.7": 1.0})
 
