@@ -16,7 +16,7 @@ from test_evaluate import char_tokenizer
 import safegene_fast as sg
 from safegene_fast.architecture import ModuleNames
 from safegene_fast.eval.generate import load_adapter
-from safegene_fast.gene import SafetyGene
+from safegene_fast.gene import SafetyGene, layer_key, layer_of
 from safegene_fast.io import CheckpointError
 from safegene_fast.method.patch import GenePatch, frozen
 from safegene_fast.method.recalibrate import FewShot, recalibrate
@@ -280,3 +280,17 @@ def test_select_and_recalibrate(family, arch):
         assert bool((alpha.grad != 0).all())
     result = recalibrate(target, tok, gene, FewShot(HARMFUL, " no", HARMLESS), steps=2, max_new_tokens=2)
     assert set(result.coefficients) == {"0", "1"} and len(result.log) == 3
+
+
+def test_module_names(family, tmp_path):
+    names = ModuleNames.of(family("gemma3") / "aligned")
+    stored = "vision_tower.vision_model.encoder.layers.3.mlp.fc1"  # as Hub checkpoints store it
+    assert names.loaded(stored) == "model.vision_tower.encoder.layers.3.mlp.fc1"
+    assert names.checkpoint("model.vision_tower.encoder.layers.3.mlp.fc1") == stored
+    assert (layer_key(stored), layer_of(stored)) == ("vision_tower.3", None)
+    assert (layer_key("language_model.model.layers.3.mlp.up_proj"), layer_of("language_model.model.layers.3.mlp.up_proj")) == ("3", 3)
+    expert = ModuleNames.of(family("mixtral") / "aligned").expert("model.layers.1.block_sparse_moe.experts.2.w3")
+    assert (expert.parameter, expert.index, expert.part, expert.count, expert.shape) == \
+        ("model.layers.1.mlp.experts.gate_up_proj", 2, 1, 3, (48, 32))
+    bare = ModuleNames.of(tmp_path)  # no config.json: the checkpoint's names
+    assert bare.identity and bare.loaded("a.layers.0.b") == "a.layers.0.b" and bare.expert("a.layers.0.b") is None
