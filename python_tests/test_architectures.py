@@ -121,7 +121,8 @@ def check_peft_equals_merged(root, arch, gene, coeffs, tmp_path):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         adapted = load_adapter(load(root / "target", arch), tmp_path / "adapter")  # checks, then PEFT's loader
-    assert isinstance(adapted, PeftModel) and not [w for w in caught if "adapter keys" in str(w.message)]  # none missing, none unexpected
+    assert isinstance(adapted, PeftModel)
+    assert not [w for w in caught if "adapter keys" in str(w.message)]  # none missing, none unexpected
     torch.testing.assert_close(logits(adapted), merged, atol=2e-5, rtol=1e-4)
 
 
@@ -288,7 +289,8 @@ def test_module_names(family, tmp_path):
     assert names.loaded(stored) == "model.vision_tower.encoder.layers.3.mlp.fc1"
     assert names.checkpoint("model.vision_tower.encoder.layers.3.mlp.fc1") == stored
     assert (layer_key(stored), layer_of(stored)) == ("vision_tower.3", None)
-    assert (layer_key("language_model.model.layers.3.mlp.up_proj"), layer_of("language_model.model.layers.3.mlp.up_proj")) == ("3", 3)
+    language = "language_model.model.layers.3.mlp.up_proj"
+    assert (layer_key(language), layer_of(language)) == ("3", 3)
     expert = ModuleNames.of(family("mixtral") / "aligned").expert("model.layers.1.block_sparse_moe.experts.2.w3")
     assert (expert.parameter, expert.index, expert.part, expert.count, expert.shape) == \
         ("model.layers.1.mlp.experts.gate_up_proj", 2, 1, 3, (48, 32))

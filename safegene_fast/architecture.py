@@ -25,10 +25,12 @@ from safegene_fast.io import CheckpointError
 
 # Sub-models whose layers have their own numbering (a vision encoder beside the language model):
 # their modules are out of the default gene and get coefficients under "<tower>.<layer>".
-TOWER_RE = re.compile(r"(?:^|\.)(vision_tower|vision_model|audio_tower|multi_modal_projector)\.(?:.*?\.)?layers\.(\d+)\.")
-TOWERS_RE = re.compile(r"(?:^|\.)(vision_tower|vision_model|audio_tower|multi_modal_projector)\.")
+TOWERS = r"(?:^|\.)(vision_tower|vision_model|audio_tower|multi_modal_projector)\."
+TOWERS_RE = re.compile(TOWERS)
+TOWER_RE = re.compile(TOWERS + r"(?:.*?\.)?layers\.(\d+)\.")
 # MoE routers: the last-level ".gate" of an MoE block (not the experts' gate_proj)
-ROUTER_RE = re.compile(r"\.(block_sparse_moe|mlp)\.gate$")
+ROUTER = r"\.(?:block_sparse_moe|mlp)\.gate"
+ROUTER_RE = re.compile(ROUTER + "$")
 
 
 def tower_of(module: str) -> str | None:

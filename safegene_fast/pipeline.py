@@ -19,7 +19,7 @@ import torch
 from safegene_fast import ops
 from safegene_fast.ops import KERNEL_DTYPES  # tensors of any other dtype are copied, never merged
 from safegene_fast._version import __version__
-from safegene_fast.architecture import ModuleNames
+from safegene_fast.architecture import ROUTER, TOWERS, ModuleNames
 from safegene_fast.card import CARD_NAME, model_card
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
 from safegene_fast.io import (
@@ -37,7 +37,7 @@ from safegene_fast.progress import Progress
 # Without an explicit include, DEFAULT_EXCLUDE also leaves out MoE routers and the layers of a
 # multimodal model's vision (or audio) tower: the gene is the language model's.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
-DEFAULT_EXCLUDE = r"\.(block_sparse_moe|mlp)\.gate\.weight$|(^|\.)(vision_tower|vision_model|audio_tower|multi_modal_projector)\."
+DEFAULT_EXCLUDE = rf"{ROUTER}\.weight$|{TOWERS}"
 MAX_POWER_ITERS = 20   # each is two passes over the delta; past a few the factors stop changing
 MAX_OVERSAMPLE = 512
 PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
