@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -85,10 +86,15 @@ class ModuleNames:
 
     @classmethod
     def of_model(cls, model) -> ModuleNames:
-        return cls(getattr(model, "config", None), model, source=_model_name(model))
+        """The names of a loaded model (kept with it, so each patch does not map them again)."""
+        if model not in _OF_MODEL:
+            _OF_MODEL[model] = cls(getattr(model, "config", None), model, source=_model_name(model))
+        return _OF_MODEL[model]
 
     @property
     def identity(self) -> bool:
+        """Names map to themselves: no config, or one transformers builds no language model from."""
+        self.model()
         return self.config is None
 
     def model(self):
@@ -96,8 +102,11 @@ class ModuleNames:
         if self._model is None and self.config is not None:
             from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
             auto = AutoModelForImageTextToText if hasattr(self.config, "vision_config") else AutoModelForCausalLM
-            with torch.device("meta"):
-                self._model = auto.from_config(self.config)
+            try:
+                with torch.device("meta"):
+                    self._model = auto.from_config(self.config)
+            except (ValueError, KeyError):  # not a language model transformers builds: names as stored
+                self.config = None
         return self._model
 
     def _resolve(self, module: str) -> tuple[str, Expert | None]:
@@ -105,9 +114,9 @@ class ModuleNames:
             return self._cache[module]
         if self.identity:
             return module, None
+        model = self.model()
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-        model = self.model()
         mapping = get_model_conversion_mapping(model)  # fresh: some transforms keep state between keys
         renamings = [t for t in mapping if isinstance(t, WeightRenaming)]
         converters = [t for t in mapping if isinstance(t, WeightConverter)]
@@ -124,7 +133,11 @@ class ModuleNames:
                 raise CheckpointError(f"{self.source}: cannot tell which expert checkpoint weight {key!r} is.")
             stem = key[:index.start()]
             template = tuple(stem + p.replace("*", "{}").removesuffix(".weight") for p in converter.source_patterns)
-            count, rows, cols = dict(model.named_parameters())[renamed].shape
+            fused = dict(model.named_parameters()).get(renamed)
+            if fused is None or fused.dim() != 3:
+                raise CheckpointError(f"{self.source}: checkpoint weight {key!r} loads into {renamed!r}, which is "
+                                      f"not a parameter of fused experts in the model transformers builds.")
+            count, rows, cols = fused.shape
             expert = Expert(renamed, int(index[1]), converter.source_patterns.index(pattern), count,
                             (rows // len(template), cols), template)
             result = (renamed, expert)
@@ -217,6 +230,9 @@ def _meta_state_dict(model) -> dict:
 
 def _model_name(model) -> str:
     return getattr(getattr(model, "config", None), "_name_or_path", "") or type(model).__name__
+
+
+_OF_MODEL: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 @lru_cache(maxsize=32)
