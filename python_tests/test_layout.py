@@ -1,5 +1,5 @@
 """The package's architecture, checked: every module imports, imports point one way (cli ->
-experiments -> method / models -> eval -> pipeline -> lora -> gene, card, cache, progress -> io, architecture -> the engine),
+experiments -> method / models -> eval -> pipeline -> lora -> gene, card, cache, progress -> architecture -> io -> the engine),
 siblings do not import each other, and the public API is where a user looks for it."""
 
 import ast
@@ -17,15 +17,16 @@ PACKAGE = Path(safegene_fast.__file__).parent
 # Each part of the package and its level: a module may import its own part and lower levels only.
 LEVELS = {
     "_C": 0, "_version": 0, "reference": 0, "ops": 1,
-    "io": 2, "architecture": 2,
-    "gene": 3, "card": 3, "cache": 3, "progress": 3,
-    "lora": 3.5,  # reads adapters in the gene's PEFT format
-    "pipeline": 4,
-    "eval": 5,
-    "method": 6, "models": 6,
-    "experiments": 7,
-    "cli": 8,
-    "__init__": 9, "__main__": 10,
+    "io": 2,
+    "architecture": 3,
+    "gene": 4, "card": 4, "cache": 4, "progress": 4,
+    "lora": 4.5,  # reads adapters in the gene's PEFT format
+    "pipeline": 5,
+    "eval": 6,
+    "method": 7, "models": 7,
+    "experiments": 8,
+    "cli": 9,
+    "__init__": 10, "__main__": 11,
 }
 
 

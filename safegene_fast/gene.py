@@ -19,6 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from safegene_fast.architecture import TOWER_RE, ModuleNames, tower_of
 from safegene_fast.io import CheckpointError, atomic_folder, write_json
 
 PEFT_PREFIX = "base_model.model."
@@ -26,8 +27,22 @@ LAYER_RE = re.compile(r"\.layers\.(\d+)\.")
 
 
 def layer_of(module: str) -> int | None:
+    """The language-model layer of a module; None outside the layers and in a vision (or other)
+    tower, whose layers are numbered on their own (see ``layer_key``)."""
+    if tower_of(module):
+        return None
     match = LAYER_RE.search(f".{module}.")
     return int(match[1]) if match else None
+
+
+def layer_key(module: str) -> str | None:
+    """The coefficient key of a module's layer: ``"12"`` for language-model layer 12,
+    ``"vision_tower.3"`` for layer 3 of the vision tower, None outside any layer."""
+    tower = TOWER_RE.search(f".{module}.")
+    if tower:
+        return f"{tower[1]}.{tower[2]}"
+    layer = layer_of(module)
+    return None if layer is None else str(layer)
 
 
 @dataclass
@@ -71,7 +86,8 @@ class SafetyGene:
             return float(coeffs)
         if module in coeffs:
             return float(coeffs[module])
-        return float(coeffs.get(str(self.modules[module].layer), 0.0))
+        key = layer_key(module)
+        return float(coeffs.get(key, 0.0)) if key is not None else 0.0
 
     def check_coefficients(self, coeffs: dict[str, float] | float) -> None:
         """Coefficients must land on the gene and do something: every key a layer index or module
@@ -79,10 +95,11 @@ class SafetyGene:
         overflows its dtype (it would write Inf weights)."""
         values = list(coeffs.values()) if isinstance(coeffs, dict) else [coeffs]
         if isinstance(coeffs, dict):
-            layers = {str(layer) for layer in self.layers}
-            unknown = [k for k in coeffs if k not in self.modules and k not in layers]
+            layers = [str(layer) for layer in self.layers]
+            towers = sorted({layer_key(m) for m in self.modules if tower_of(m) and layer_key(m)})
+            unknown = [k for k in coeffs if k not in self.modules and k not in layers and k not in towers]
             if unknown:
-                raise ValueError(f"coefficient key {unknown[0]!r} is neither a layer index ({', '.join(sorted(layers, key=int))}) "
+                raise ValueError(f"coefficient key {unknown[0]!r} is neither a layer index ({', '.join([*layers, *towers])}) "
                                  f"nor a module of the gene.")
         if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
             raise ValueError("every coefficient must be a finite number.")
@@ -97,37 +114,71 @@ class SafetyGene:
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
              base_model: str = "", coeffs: dict[str, float] | float = 1.0, inputs=(),
-             card: str | None = None, folded=None) -> Path:
+             card: str | None = None, names: ModuleNames | None = None, folded=None) -> Path:
         """Writes the PEFT adapter (alpha folded into B; modules whose coefficient is 0 left out,
         since they would add nothing) and safegene.json, and ``card`` as its README.md, atomically;
         ``folder`` may not be or touch one of ``inputs`` (``io.check_output``). ``folded``: what
-        safegene.json records as folded into B, when more than ``coeffs`` is (an adapter's update)."""
+        safegene.json records as folded into B, when more than ``coeffs`` is (an adapter's update).
+
+        ``names`` maps the gene's checkpoint module names to the modules transformers loads (default:
+        those of the aligned model the gene was extracted from): the adapter's keys use loaded
+        names, embeddings PEFT's transposed embedding factors, and fused MoE experts the
+        per-expert keys PEFT converts on load (every expert of a fused parameter present, all at
+        one rank: zero-padded, zero for experts the gene leaves out). A target that is not a module
+        PEFT wraps in that model is an error here, before anything is written."""
         folder = Path(folder)
+        names = names if names is not None else ModuleNames.of(self.provenance.get("aligned"))
         kept = {name: m for name, m in self.modules.items() if self.coefficient_for(name, coeffs) != 0}
         if not kept:
             raise ValueError("the coefficients are zero for every module of the gene: the adapter would do nothing.")
+        factors = {name: (m.scaled_B(self.coefficient_for(name, coeffs)), m.A) for name, m in kept.items()}
+        experts = {name: e for name in kept if (e := names.expert(name)) is not None}
+        expert_rank = max((kept[name].rank for name in experts), default=0)
+        fused = {a.parameter: a for e in experts.values() for a in names.fused_alike(e)}
+        dtype = next((kept[name].A.dtype for name in experts), None)
+        for e in fused.values():  # every expert and part of every fused parameter PEFT targets, one rank
+            for name in e.modules():
+                B, A = factors.get(name, (None, None))
+                if B is None:
+                    B, A = torch.zeros(e.shape[0], 0, dtype=dtype), torch.zeros(0, e.shape[1], dtype=dtype)
+                pad = expert_rank - A.shape[0]
+                factors[name] = (torch.nn.functional.pad(B, (0, pad)), torch.nn.functional.pad(A, (0, 0, 0, pad)))
+        keys = {name: name if names.expert(name) else names.loaded(name) for name in factors}
+        names.check_targets(sorted({names.loaded(name) for name in factors}))
+        head = names.tied_head() if any(names.is_embedding(n) for n in factors) else None
         with atomic_folder(folder, overwrite=overwrite, inputs=inputs) as tmp:
             tensors, ranks = {}, {}
-            for name, m in kept.items():
-                alpha = self.coefficient_for(name, coeffs)
-                tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.A.contiguous()
-                tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.scaled_B(alpha).contiguous()
-                ranks[name] = m.rank
+            for name, (B, A) in factors.items():
+                key = f"{PEFT_PREFIX}{keys[name]}"
+                if names.is_embedding(name):  # PEFT: delta = (lora_embedding_B @ lora_embedding_A).T
+                    tensors[f"{key}.lora_embedding_A"] = B.T.contiguous()
+                    tensors[f"{key}.lora_embedding_B"] = A.T.contiguous()
+                    if head is not None:  # the tied LM head: PEFT ties its factors to these
+                        tensors[f"{PEFT_PREFIX}{head}.lora_A.weight"] = A.contiguous()
+                        tensors[f"{PEFT_PREFIX}{head}.lora_B.weight"] = B.contiguous()
+                else:
+                    tensors[f"{key}.lora_A.weight"] = A.contiguous()
+                    tensors[f"{key}.lora_B.weight"] = B.contiguous()
+                if name not in experts:
+                    ranks[keys[name]] = A.shape[0]
             save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
-            default_r = max(ranks.values(), default=1)
+            default_r = expert_rank or max(ranks.values(), default=1)
             config = {
                 "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
                 "r": default_r, "lora_alpha": default_r, "rank_pattern": ranks, "alpha_pattern": ranks,
-                "target_modules": sorted(kept), "lora_dropout": 0.0, "bias": "none",
+                "target_modules": sorted(set(keys.values())), "lora_dropout": 0.0, "bias": "none",
                 "fan_in_fan_out": False, "inference_mode": True,
             }
+            if head is not None:
+                config["ensure_weight_tying"] = True  # the LM head is the embedding: it gets the factors too
             write_json(tmp / "adapter_config.json", config)
             meta = {
                 "provenance": self.provenance,
                 "coefficients_folded": coeffs if folded is None else folded,
                 "selection": self.selection,
                 "modules": {name: {"rank": m.rank, "layer": m.layer, "energy": m.energy,
-                                   "singular_values": m.S.tolist()} for name, m in kept.items()},
+                                   "singular_values": m.S.tolist(), "adapter_key": keys[name]}
+                            for name, m in kept.items()},
             }
             write_json(tmp / "safegene.json", meta)
             if card is not None:
@@ -153,16 +204,23 @@ class SafetyGene:
                                   f"PEFT adapter), not a gene; use the folder extract wrote.")
         modules = {}
         for name, info in meta["modules"].items():
-            A = tensors.get(f"{PEFT_PREFIX}{name}.lora_A.weight")
-            B = tensors.get(f"{PEFT_PREFIX}{name}.lora_B.weight")
-            if A is None or B is None:
-                raise CheckpointError(f"{folder}: adapter has no factors for module {name!r}.")
             try:
                 S, energy, layer = torch.tensor(info["singular_values"]), info["energy"], info["layer"]
-                if not (isinstance(energy, (int, float)) and (layer is None or type(layer) is int)):
+                key, rank = PEFT_PREFIX + info.get("adapter_key", name), info.get("rank")
+                if not (isinstance(energy, (int, float)) and (layer is None or type(layer) is int)
+                        and isinstance(key, str) and (rank is None or type(rank) is int)):
                     raise TypeError
-            except (KeyError, TypeError, ValueError, RuntimeError):
+            except (KeyError, TypeError, ValueError, RuntimeError, AttributeError):
                 raise CheckpointError(f"{folder}: safegene.json has a malformed entry for module {name!r}.") from None
+            if f"{key}.lora_embedding_A" in tensors:  # PEFT's embedding factors are B.T and A.T
+                B, A = tensors[f"{key}.lora_embedding_A"].T.contiguous(), tensors.get(f"{key}.lora_embedding_B")
+                A = A.T.contiguous() if A is not None else None
+            else:
+                A, B = tensors.get(f"{key}.lora_A.weight"), tensors.get(f"{key}.lora_B.weight")
+            if A is None or B is None:
+                raise CheckpointError(f"{folder}: adapter has no factors for module {name!r}.")
+            if rank is not None and A.dim() == 2 and B.dim() == 2 and A.shape[0] == B.shape[1] > rank:
+                A, B = A[:rank].contiguous(), B[:, :rank].contiguous()  # zero padding to the experts' common rank
             if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
                 raise CheckpointError(f"{folder}: the factors of module {name!r} have shapes {list(B.shape)} and "
                                       f"{list(A.shape)}, which do not multiply.")

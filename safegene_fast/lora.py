@@ -159,9 +159,14 @@ class LoraAdapter:
             raise CheckpointError(f"{file}: holds no LoRA factors.")
         digest.update(json.dumps(config, sort_keys=True).encode())
         self.fingerprint = digest.hexdigest()
-        names = ModuleNames(base.folder)
+        names = ModuleNames.of(base.folder)
+        # the adapter names loaded modules; the base stores checkpoint names (fused experts have
+        # no one name: an adapter on them lands nowhere and is refused below)
+        stored = {} if names.identity else {
+            names.loaded(n.removesuffix(".weight")): n.removesuffix(".weight") for n, info in base.tensors.items()
+            if n.endswith(".weight") and len(info.shape) == 2 and names.expert(n.removesuffix(".weight")) is None}
         for module, copy in copies.items():
-            name = names.checkpoint(module.removesuffix(".weight")) + ".weight"
+            name = stored.get(module.removesuffix(".weight"), module.removesuffix(".weight")) + ".weight"
             if name not in base.tensors or not torch.equal(copy, base.read(name).to(copy.dtype)):
                 raise CheckpointError(f"{file}: replaces the base's weight {name!r} whole (a resized vocabulary?), "
                                       f"which is not read; merge it with PEFT's merge_and_unload and give the merged "
@@ -169,10 +174,10 @@ class LoraAdapter:
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self.modules: dict[str, str] = {}  # tensor name of the base -> module name in the adapter
         for module, pair in factors.items():
-            self.updates[self._land(module, pair, embedding[module], names, base, file)] = self._factors(
+            self.updates[self._land(module, pair, embedding[module], stored.get(module, module), base, file)] = self._factors(
                 module, pair, embedding[module], file)
 
-    def _land(self, module: str, pair: dict, is_embedding: bool, names: ModuleNames, base: Checkpoint,
+    def _land(self, module: str, pair: dict, is_embedding: bool, stored_as: str, base: Checkpoint,
               file: Path) -> str:
         """The base's weight the factors of ``module`` update; an error unless it exists, is 2-D,
         has their shape and a dtype the kernels merge into."""
@@ -183,7 +188,7 @@ class LoraAdapter:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise CheckpointError(f"{file}: the factors of module {module!r} have shapes {list(B.shape)} and "
                                   f"{list(A.shape)}, which do not multiply.")
-        name = f"{names.checkpoint(module)}.weight"
+        name = f"{stored_as}.weight"
         info = base.tensors.get(name)
         if info is None:
             raise CheckpointError(f"{file}: module {module!r} lands on no weight of the base {base.path} (no tensor "

@@ -19,6 +19,7 @@ import torch
 from safegene_fast import ops
 from safegene_fast.ops import KERNEL_DTYPES  # tensors of any other dtype are copied, never merged
 from safegene_fast._version import __version__
+from safegene_fast.architecture import ROUTER, TOWERS, ModuleNames
 from safegene_fast.card import CARD_NAME, model_card
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
 from safegene_fast.io import (
@@ -33,8 +34,11 @@ from safegene_fast.lora import LoraCheckpoint, base_of, is_adapter, open_checkpo
 from safegene_fast.progress import Progress
 
 # Default targets: every 2-D weight inside the transformer blocks (attention and MLP
-# projections); embeddings, the LM head and norms are outside this pattern or 1-D.
+# projections, MoE experts); embeddings, the LM head and norms are outside this pattern or 1-D.
+# Without an explicit include, DEFAULT_EXCLUDE also leaves out MoE routers and the layers of a
+# multimodal model's vision (or audio) tower: the gene is the language model's.
 DEFAULT_INCLUDE = r"\.layers\.\d+\..*\.weight$"
+DEFAULT_EXCLUDE = rf"{ROUTER}\.weight$|{TOWERS}"
 MAX_POWER_ITERS = 20   # each is two passes over the delta; past a few the factors stop changing
 MAX_OVERSAMPLE = 512
 PIECE = 16 * 2**20  # elements apply and resta read, merge and write at a time
@@ -48,12 +52,15 @@ def _pattern(text: str) -> re.Pattern:
 
 
 def select_modules(ckpt: Checkpoint, include: str | None = None, exclude: str | None = None) -> list[str]:
-    """Weight names whose module gets a gene factor: the 2-D weights the selection matches. A
-    matched weight the kernels cannot factor (float8 or integer: a quantized checkpoint; float64)
-    is an error, not a module silently left out."""
+    """Weight names whose module gets a gene factor: the 2-D weights the selection matches (an
+    explicit ``include`` is taken as is: it can bring in routers and towers, which the default
+    leaves out). A matched weight the kernels cannot factor (float8 or integer: a quantized
+    checkpoint; float64) is an error, not a module silently left out."""
     inc, exc = _pattern(include or DEFAULT_INCLUDE), _pattern(exclude) if exclude else None
+    default_exc = _pattern(DEFAULT_EXCLUDE) if not include else None
     names = [n for n, info in ckpt.tensors.items()
-             if len(info.shape) == 2 and inc.search(n) and not (exc and exc.search(n))]
+             if len(info.shape) == 2 and inc.search(n) and not (exc and exc.search(n))
+             and not (default_exc and default_exc.search(n))]
     other = [n for n in names if ckpt.tensors[n].dtype not in KERNEL_DTYPES]
     if other:
         dtype = str(ckpt.tensors[other[0]].dtype).removeprefix("torch.")
@@ -345,7 +352,7 @@ def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: s
         _check_gene_fits(model, ckpt, gene)
         card = protected_card(model, gene, coeffs, "peft", ckpt)
     return gene.save(out, overwrite=overwrite, base_model=model_reference(model), coeffs=coeffs,
-                     inputs=[model, *gene_inputs(gene)], card=card)
+                     inputs=[model, *gene_inputs(gene)], card=card, names=ModuleNames.of(ckpt.folder))
 
 
 def apply_combined(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
@@ -372,7 +379,8 @@ def apply_combined(model: str | os.PathLike, gene: SafetyGene, out: str | os.Pat
         base_name = model_reference(base if base is not None else ckpt.adapter.config["base_model_name_or_path"])
     combined = SafetyGene(modules, {**gene.provenance, "task_adapter": model_reference(model)})
     return combined.save(out, overwrite=overwrite, base_model=base_name, folded={"gene": coeffs, "task_adapter": 1.0},
-                         inputs=[model, base_folder, *gene_inputs(gene)], card=card)
+                         inputs=[model, base_folder, *gene_inputs(gene)], card=card,
+                         names=ModuleNames.of(base_folder))
 
 
 def protected_card(model, gene: SafetyGene, coeffs: dict[str, float] | float, kind: str,

@@ -125,7 +125,8 @@ def register(sub) -> None:
     p.add_argument("--power-iters", type=int, default=2, help=f"power iterations, 0 to {MAX_POWER_ITERS} (default 2)")
     p.add_argument("--seed", type=int, default=0, help="sketch seed; same seed, same gene (default 0)")
     p.add_argument("--include", metavar="REGEX",
-                   help=r"weights to factor (default: 2-D weights matching \.layers\.N\..*\.weight$)")
+                   help=r"weights to factor, taken as written (default: 2-D weights matching \.layers\.N\..*\.weight$ "
+                        "but MoE routers and a vision tower's layers)")
     p.add_argument("--exclude", metavar="REGEX", help="weights to leave out, e.g. 'mlp\\.'")
     add_engine_options(p, shards=False, nonfinite=True)
     p.set_defaults(func=cmd_extract)

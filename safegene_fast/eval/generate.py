@@ -160,7 +160,10 @@ def check_factors_fit(model, shapes: dict[str, tuple[int, int]], source: str, wh
 def load_adapter(model, adapter: str | os.PathLike):
     """``model`` with the PEFT adapter in folder ``adapter`` on top, its shapes checked first."""
     from peft import PeftModel
-    check_factors_fit(model, adapter_shapes(adapter), str(adapter), "adapter")
+    from safegene_fast.architecture import ModuleNames
+    names = ModuleNames.of_model(model)  # per-expert keys of a fused MoE layer: PEFT converts them itself
+    shapes = {m: shape for m, shape in adapter_shapes(adapter).items() if names.expert(m) is None}
+    check_factors_fit(model, shapes, str(adapter), "adapter")
     try:
         return PeftModel.from_pretrained(model, adapter)
     except (ValueError, RuntimeError, OSError) as exc:  # a broken config, modules PEFT finds nowhere
