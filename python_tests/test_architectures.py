@@ -296,3 +296,48 @@ def test_module_names(family, tmp_path):
         ("model.layers.1.mlp.experts.gate_up_proj", 2, 1, 3, (48, 32))
     bare = ModuleNames.of(tmp_path)  # no config.json: the checkpoint's names
     assert bare.identity and bare.loaded("a.layers.0.b") == "a.layers.0.b" and bare.expert("a.layers.0.b") is None
+
+
+@pytest.mark.parametrize("arch, router", [(arch, False) for arch in ARCHS] + [(arch, True) for arch in MOE])
+def test_a_task_lora_target_merged_and_combined_agree_with_peft(family, arch, router, tmp_path):
+    """A task fine-tune shipped as a LoRA adapter (made by PEFT on the loaded model, so its keys are
+    loaded names: every linear layer, and on MoE the fused experts as parameters, and with
+    ``router`` the router too): read as its merge, and the merged output and the combined adapter
+    (task update + gene along the rank) give PEFT's logits; a router update has no place in a
+    combined adapter, and says so."""
+    from peft import LoraConfig, get_peft_model
+
+    from safegene_fast.lora import open_checkpoint
+    root = family(arch)
+    torch.manual_seed(3)
+    lora = LoraConfig(r=2, lora_alpha=4, target_modules="all-linear", init_lora_weights=False)
+    if arch in MOE and not router:
+        lora = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+                          target_parameters=["gate_up_proj", "down_proj"], init_lora_weights=False)
+    task = get_peft_model(load(root / "target", arch), lora)
+    task.save_pretrained(tmp_path / "task")
+    config = json.loads((tmp_path / "task" / "adapter_config.json").read_text())
+    config["base_model_name_or_path"] = str(root / "target")
+    (tmp_path / "task" / "adapter_config.json").write_text(json.dumps(config))
+    with torch.no_grad():
+        task_logits = logits(task)
+    # read as its merge (resta at 0 writes the target as read): PEFT's own logits
+    sg.resta(tmp_path / "task", root / "aligned", root / "aligned", 0.0, tmp_path / "as_read")
+    torch.testing.assert_close(logits(load(tmp_path / "as_read", arch)), task_logits, atol=2e-5, rtol=1e-4)
+    with open_checkpoint(tmp_path / "task") as ckpt:  # experts, fused once loaded, have an update each
+        assert any(".experts.2." in name for name in ckpt.updates) == (arch in MOE)
+    gene = sg.extract(root / "aligned", [root / "degraded"], rank=4)
+    sg.apply(tmp_path / "task", gene, tmp_path / "merged", COEFFS)
+    merged = logits(load(tmp_path / "merged", arch))
+    assert not torch.allclose(merged, task_logits, atol=1e-4)  # the gene did something
+    if router:
+        with pytest.raises(CheckpointError, match="updates the MoE router .*use the merged format"):
+            sg.apply(tmp_path / "task", gene, tmp_path / "combined", COEFFS, format="combined")
+        return
+    sg.apply(tmp_path / "task", gene, tmp_path / "combined", COEFFS, format="combined")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        combined = PeftModel.from_pretrained(load(root / "target", arch), tmp_path / "combined")
+    assert not [w for w in caught if "adapter keys" in str(w.message)]
+    torch.testing.assert_close(logits(combined), merged, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(logits(combined.merge_and_unload()), merged, atol=2e-5, rtol=1e-4)

@@ -160,11 +160,18 @@ class LoraAdapter:
         digest.update(json.dumps(config, sort_keys=True).encode())
         self.fingerprint = digest.hexdigest()
         names = ModuleNames.of(base.folder)
-        # the adapter names loaded modules; the base stores checkpoint names (fused experts have
-        # no one name: an adapter on them lands nowhere and is refused below)
-        stored = {} if names.identity else {
-            names.loaded(n.removesuffix(".weight")): n.removesuffix(".weight") for n, info in base.tensors.items()
-            if n.endswith(".weight") and len(info.shape) == 2 and names.expert(n.removesuffix(".weight")) is None}
+        # the adapter names loaded modules; the base stores checkpoint names. Fused MoE experts
+        # (one 3-D parameter per layer, one 2-D weight per expert in the checkpoint) are targeted
+        # as parameters (``target_parameters``): ``fused`` lists each one's checkpoint weights.
+        stored, fused = {}, {}
+        for n, info in ([] if names.identity else base.tensors.items()):
+            if n.endswith(".weight") and len(info.shape) == 2:
+                module = n.removesuffix(".weight")
+                expert = names.expert(module)
+                if expert is None:
+                    stored[names.loaded(module)] = module
+                else:
+                    fused.setdefault(expert.parameter, []).append((n, expert))
         for module, copy in copies.items():
             name = stored.get(module.removesuffix(".weight"), module.removesuffix(".weight")) + ".weight"
             if name not in base.tensors or not torch.equal(copy, base.read(name).to(copy.dtype)):
@@ -172,15 +179,49 @@ class LoraAdapter:
                                       f"which is not read; merge it with PEFT's merge_and_unload and give the merged "
                                       f"model.")
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-        self.modules: dict[str, str] = {}  # tensor name of the base -> module name in the adapter
         for module, pair in factors.items():
-            self.updates[self._land(module, pair, embedding[module], stored.get(module, module), base, file)] = self._factors(
-                module, pair, embedding[module], file)
+            owner = re.sub(r"(\.base_layer)+$", "", module)  # PEFT nests a wrapper per targeted parameter
+            candidates = {p: members for p, members in fused.items() if p.rsplit(".", 1)[0] == owner}
+            if candidates:
+                self.updates.update(self._expert_updates(module, pair, candidates, file))
+            else:
+                self.updates[self._land(module, pair, embedding[module], stored.get(module, module), base, file)] = \
+                    self._factors(module, pair, embedding[module], file)
 
-    def _land(self, module: str, pair: dict, is_embedding: bool, stored_as: str, base: Checkpoint,
-              file: Path) -> str:
-        """The base's weight the factors of ``module`` update; an error unless it exists, is 2-D,
-        has their shape and a dtype the kernels merge into."""
+    def _expert_updates(self, module: str, pair: dict, candidates: dict, file: Path) -> dict:
+        """Per checkpoint expert weight, its share of a LoRA on a fused expert parameter [E, out, in]:
+        PEFT's A is [E * r, in] (expert-major) and B is [out, r * E] (expert-minor), so expert e's
+        update is B.view(out, r, E)[:, :, e] @ A.view(E, r, in)[e]; its rows split among the weights
+        fused along them (w1 and w3 in gate_up_proj)."""
+        self._check_pair(module, pair, file)
+        A, B = pair["A"].float(), pair["B"].float()
+        fits = []
+        for parameter, members in candidates.items():
+            expert = members[0][1]
+            rows = expert.shape[0] * len(expert.template)
+            if A.shape[0] % expert.count == 0 and A.shape[1] == expert.shape[1] and B.shape[0] == rows:
+                fits.append(parameter)
+        taken = getattr(self, "_fused_taken", set())
+        fits = [p for p in fits if p not in taken]
+        if len(fits) != 1:
+            what = "none" if not fits else "more than one"
+            raise CheckpointError(f"{file}: the factors of module {module!r} ({list(B.shape)} and {list(A.shape)}) fit "
+                                  f"{what} of the fused expert parameters of the base ({', '.join(sorted(candidates))}).")
+        parameter = fits[0]
+        self._fused_taken = taken | {parameter}
+        members = candidates[parameter]
+        count, out = members[0][1].count, members[0][1].shape[0]
+        rank = A.shape[0] // count
+        B = B * _scaling(self.config, parameter, rank)
+        if not (bool(torch.isfinite(A).all()) and bool(torch.isfinite(B).all())):
+            raise CheckpointError(f"{file}: the factors of module {module!r} hold NaN or Inf values (or overflow once "
+                                  f"scaled).")
+        A3, B3 = A.view(count, rank, -1), B.view(B.shape[0], rank, count)
+        return {name: (B3[e.part * out:(e.part + 1) * out, :, e.index].contiguous(), A3[e.index].contiguous())
+                for name, e in members}
+
+    @staticmethod
+    def _check_pair(module: str, pair: dict, file: Path) -> None:
         if set(pair) != {"A", "B"}:
             missing = "lora_B" if "A" in pair else "lora_A"
             raise CheckpointError(f"{file}: module {module!r} has no {missing} factor.")
@@ -188,6 +229,13 @@ class LoraAdapter:
         if A.dim() != 2 or B.dim() != 2 or A.shape[0] != B.shape[1]:
             raise CheckpointError(f"{file}: the factors of module {module!r} have shapes {list(B.shape)} and "
                                   f"{list(A.shape)}, which do not multiply.")
+
+    def _land(self, module: str, pair: dict, is_embedding: bool, stored_as: str, base: Checkpoint,
+              file: Path) -> str:
+        """The base's weight the factors of ``module`` update; an error unless it exists, is 2-D,
+        has their shape and a dtype the kernels merge into."""
+        self._check_pair(module, pair, file)
+        A, B = pair["A"], pair["B"]
         name = f"{stored_as}.weight"
         info = base.tensors.get(name)
         if info is None:
@@ -201,7 +249,6 @@ class LoraAdapter:
             raise CheckpointError(f"{file}: module {module!r} updates tensor {name!r}, which is "
                                   f"{str(info.dtype).removeprefix('torch.')}; updates merge only into bfloat16, "
                                   f"float16 or float32 weights.")
-        self.modules[name] = module
         return name
 
     def _factors(self, module: str, pair: dict, is_embedding: bool, file: Path) -> tuple[torch.Tensor, torch.Tensor]:

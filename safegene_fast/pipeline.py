@@ -19,7 +19,7 @@ import torch
 from safegene_fast import ops
 from safegene_fast.ops import KERNEL_DTYPES  # tensors of any other dtype are copied, never merged
 from safegene_fast._version import __version__
-from safegene_fast.architecture import ROUTER, TOWERS, ModuleNames
+from safegene_fast.architecture import ROUTER, TOWERS, ModuleNames, is_router
 from safegene_fast.card import CARD_NAME, model_card
 from safegene_fast.gene import GeneModule, SafetyGene, layer_of
 from safegene_fast.io import (
@@ -367,6 +367,10 @@ def apply_combined(model: str | os.PathLike, gene: SafetyGene, out: str | os.Pat
     gene.check_coefficients(coeffs)
     with LoraCheckpoint(model, base) as ckpt:
         _check_gene_fits(model, ckpt, gene)
+        router = next((n for n in ckpt.updates if is_router(n.removesuffix(".weight"))), None)
+        if router is not None:
+            raise CheckpointError(f"{model}: the adapter updates the MoE router {router!r}, which a PEFT adapter holds "
+                                  f"only as a wrapped parameter, not beside a gene; use the merged format.")
         modules = {}
         for name in [n for n in ckpt.tensors if n in ckpt.updates or n.removesuffix(".weight") in gene.modules]:
             update = merged_update(ckpt, gene, coeffs, name)
