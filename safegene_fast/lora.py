@@ -159,10 +159,14 @@ class LoraAdapter:
             raise CheckpointError(f"{file}: holds no LoRA factors.")
         digest.update(json.dumps(config, sort_keys=True).encode())
         self.fingerprint = digest.hexdigest()
-        names = ModuleNames.of(base.folder)
-        # the adapter names loaded modules; the base stores checkpoint names. Fused MoE experts
-        # (one 3-D parameter per layer, one 2-D weight per expert in the checkpoint) are targeted
-        # as parameters (``target_parameters``): ``fused`` lists each one's checkpoint weights.
+        # The adapter names loaded modules; the base stores checkpoint names. Where every module
+        # is a weight of the base (most architectures), they are the same and transformers (seconds
+        # to import) is not asked. Fused MoE experts (one 3-D parameter per layer, one 2-D weight
+        # per expert in the checkpoint) are targeted as parameters (``target_parameters``):
+        # ``fused`` lists each one's checkpoint weights.
+        direct = not config.get("target_parameters") and all(
+            f"{m}.weight" in base.tensors for m in [*factors, *(c.removesuffix(".weight") for c in copies)])
+        names = ModuleNames() if direct else ModuleNames.of(base.folder)
         stored, fused = {}, {}
         for n, info in ([] if names.identity else base.tensors.items()):
             if n.endswith(".weight") and len(info.shape) == 2:
