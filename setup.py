@@ -110,8 +110,9 @@ setup(
     ext_modules=[Extension("safegene_fast._C", sources=[])],
     cmdclass={"build_ext": CMakeBuild},
     python_requires=">=3.10",
-    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm"],
-    extras_require={"interop": ["transformers>=5,<6", "peft>=0.18"]},
+    install_requires=["torch>=2.4", "numpy", "safetensors", "tqdm", "huggingface_hub", "pyyaml", "pydantic>=2"],
+    # interop: the method's models and PEFT adapters; ray: `safegene batch --executor ray`
+    extras_require={"interop": ["transformers>=5,<6", "peft>=0.18"], "ray": ["ray[default]>=2.40"]},
     entry_points={"console_scripts": ["safegene = safegene_fast.cli:main"]},
     zip_safe=False,
 )

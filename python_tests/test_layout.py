@@ -1,5 +1,5 @@
 """The package's architecture, checked: every module imports, imports point one way (cli ->
-experiments -> method / models -> eval -> pipeline -> lora -> gene, card, cache, progress -> architecture -> io -> the engine),
+experiments -> fleet -> method / models -> eval -> pipeline -> lora -> gene, card, cache, progress -> architecture -> io -> the engine),
 siblings do not import each other, and the public API is where a user looks for it."""
 
 import ast
@@ -24,6 +24,7 @@ LEVELS = {
     "pipeline": 5,
     "eval": 6,
     "method": 7, "models": 7,
+    "fleet": 7.5,  # protect one fine-tune, batch many: above the method, below the experiments
     "experiments": 8,
     "cli": 9,
     "__init__": 10, "__main__": 11,

@@ -6,6 +6,8 @@
     gene.selection = sg.select_layers(gene, aligned, [degraded], tokenizer, harmful, harmless)
     coefficients = sg.recalibrate(target, tokenizer, gene, shots).coefficients
     sg.evaluate("protected/", harmful_prompts)
+    sg.protect("target/", "gene/", "protected/", 0.8)           # one fine-tune, with its run record
+    sg.run_batch("recipe.yaml", executor="local", workers=2)    # a fleet of them
 
 The native engine (``safegene_fast._C``) registers the ops under ``torch.ops.safegene_fast`` when
 ``safegene_fast.ops`` is imported (names here load on first use, so ``import safegene_fast`` alone
@@ -24,6 +26,7 @@ _EXPORTS = {
     "FewShot": ("safegene_fast.method.recalibrate", "FewShot"),
     "Recalibrated": ("safegene_fast.method.recalibrate", "Recalibrated"),
     "SafetyGene": ("safegene_fast.gene", "SafetyGene"),
+    "Shots": ("safegene_fast.fleet.protect", "Shots"),
     "apply": ("safegene_fast.pipeline", "apply"),
     "apply_merged": ("safegene_fast.pipeline", "apply_merged"),
     "build_info": ("safegene_fast.ops", "build_info"),
@@ -35,10 +38,12 @@ _EXPORTS = {
     "merge_dense_": ("safegene_fast.ops", "merge_dense_"),
     "merge_diff": ("safegene_fast.ops", "merge_diff"),
     "merge_lowrank_": ("safegene_fast.ops", "merge_lowrank_"),
+    "protect": ("safegene_fast.fleet.protect", "protect"),
     "recalibrate": ("safegene_fast.method.recalibrate", "recalibrate"),
     "resta": ("safegene_fast.pipeline", "resta"),
     "rsvd": ("safegene_fast.ops", "rsvd"),
     "rsvd_lora": ("safegene_fast.ops", "rsvd_lora"),
+    "run_batch": ("safegene_fast.fleet.batch", "run_batch"),
     "select_layers": ("safegene_fast.method.selection", "select_layers"),
 }
 

@@ -114,7 +114,8 @@ class SafetyGene:
 
     def save(self, folder: str | os.PathLike, overwrite: bool = False,
              base_model: str = "", coeffs: dict[str, float] | float = 1.0, inputs=(),
-             card: str | None = None, names: ModuleNames | None = None, folded=None) -> Path:
+             card: str | None = None, names: ModuleNames | None = None, folded=None,
+             extra_files: dict[str, str] | None = None) -> Path:
         """Writes the PEFT adapter (alpha folded into B; modules whose coefficient is 0 left out,
         since they would add nothing) and safegene.json, and ``card`` as its README.md, atomically;
         ``folder`` may not be or touch one of ``inputs`` (``io.check_output``). ``folded``: what
@@ -183,6 +184,8 @@ class SafetyGene:
             write_json(tmp / "safegene.json", meta)
             if card is not None:
                 (tmp / "README.md").write_text(card, encoding="utf-8")
+            for name, text in (extra_files or {}).items():  # a run record, written with the adapter
+                (tmp / name).write_text(text, encoding="utf-8")
         return folder
 
     @classmethod

@@ -241,7 +241,8 @@ def extract(aligned: str | os.PathLike, degraded: list[str | os.PathLike], *, ra
 def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
                  coeffs: dict[str, float] | float = 1.0, *, max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
                  device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
-                 base: str | os.PathLike | None = None, progress: bool = False) -> Path:
+                 base: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None,
+                 progress: bool = False) -> Path:
     """Streams ``model`` and writes ``W + alpha[l(m)] * B @ A`` for every gene module; for a LoRA
     adapter ``model``, its base's ``W + s * B_t @ A_t + alpha * B @ A`` (one merge of the two
     updates concatenated along the rank, so one rounding).
@@ -264,7 +265,7 @@ def apply_merged(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathL
         written_view = None  # (name, start, count) of a mapped piece being written: released after
         card = protected_card(model, gene, coeffs, "merged", ckpt)
         with ShardedWriter(out, plan, max_shard_size, copy_from=companion_folders(ckpt), overwrite=overwrite,
-                           inputs=[model, *gene_inputs(gene)], extra_files={CARD_NAME: card}) as writer, \
+                           inputs=[model, *gene_inputs(gene)], extra_files={CARD_NAME: card, **(extra_files or {})}) as writer, \
                 Progress("apply", sum(p.nbytes for p in plan), len(plan), progress) as bar:
             for p in plan:
                 info = ckpt.tensors[p.name]
@@ -330,34 +331,38 @@ FORMATS = ("merged", "peft", "combined")
 def apply(model: str | os.PathLike, gene: SafetyGene | str | os.PathLike, out: str | os.PathLike,
           coeffs: dict[str, float] | float = 1.0, *, format: str = "merged", max_shard_size: int = DEFAULT_MAX_SHARD_SIZE,
           device: str = "cpu", overwrite: bool = False, allow_nonfinite: bool = False,
-          base: str | os.PathLike | None = None, progress: bool = False) -> Path:
+          base: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None,
+          progress: bool = False) -> Path:
     """Re-applies a gene to ``model`` (a model, or a LoRA adapter folder on ``base`` or the base its
     config names). ``merged`` writes the merged checkpoint; ``peft`` writes an adapter for
     ``model`` (merged, if it is an adapter) with the coefficients folded into B (PEFT's merge
     equals ``merged``); ``combined``, for an adapter ``model`` only, writes one adapter on its base
     holding the adapter's update and the gene's along the rank (PEFT's merge equals ``merged``).
     ``allow_nonfinite``: a merged checkpoint keeps NaN or Inf weights of ``model`` (with a
-    warning) instead of refusing them; the adapter formats read no weights, so they do not look."""
+    warning) instead of refusing them; the adapter formats read no weights, so they do not look.
+    ``extra_files``: name -> text, written into the output with it (a run record)."""
     if format not in FORMATS:
         raise ValueError(f"unknown output format {format!r}; use {', '.join(map(repr, FORMATS))}.")
     if not isinstance(gene, SafetyGene):
         gene = SafetyGene.load(gene)
     if format == "merged":
         return apply_merged(model, gene, out, coeffs, max_shard_size=max_shard_size, device=device,
-                            overwrite=overwrite, allow_nonfinite=allow_nonfinite, base=base, progress=progress)
+                            overwrite=overwrite, allow_nonfinite=allow_nonfinite, base=base, extra_files=extra_files,
+                            progress=progress)
     if format == "combined":
-        return apply_combined(model, gene, out, coeffs, overwrite=overwrite, base=base)
+        return apply_combined(model, gene, out, coeffs, overwrite=overwrite, base=base, extra_files=extra_files)
     gene.check_coefficients(coeffs)
     with open_checkpoint(model, base) as ckpt:
         _check_gene_fits(model, ckpt, gene)
         card = protected_card(model, gene, coeffs, "peft", ckpt)
     return gene.save(out, overwrite=overwrite, base_model=model_reference(model), coeffs=coeffs,
-                     inputs=[model, *gene_inputs(gene)], card=card, names=ModuleNames.of(ckpt.folder))
+                     inputs=[model, *gene_inputs(gene)], card=card, names=ModuleNames.of(ckpt.folder),
+                     extra_files=extra_files)
 
 
 def apply_combined(model: str | os.PathLike, gene: SafetyGene, out: str | os.PathLike,
                    coeffs: dict[str, float] | float = 1.0, *, overwrite: bool = False,
-                   base: str | os.PathLike | None = None) -> Path:
+                   base: str | os.PathLike | None = None, extra_files: dict[str, str] | None = None) -> Path:
     """One PEFT adapter on the base of LoRA adapter ``model``: per module, the adapter's update
     and the gene's (coefficients folded in) concatenated along the rank (r_task + r_gene), so
     one adapter per fine-tune serves the protected model (multi-LoRA engines load it as any)."""
@@ -384,7 +389,7 @@ def apply_combined(model: str | os.PathLike, gene: SafetyGene, out: str | os.Pat
     combined = SafetyGene(modules, {**gene.provenance, "task_adapter": model_reference(model)})
     return combined.save(out, overwrite=overwrite, base_model=base_name, folded={"gene": coeffs, "task_adapter": 1.0},
                          inputs=[model, base_folder, *gene_inputs(gene)], card=card,
-                         names=ModuleNames.of(base_folder))
+                         names=ModuleNames.of(base_folder), extra_files=extra_files)
 
 
 def protected_card(model, gene: SafetyGene, coeffs: dict[str, float] | float, kind: str,

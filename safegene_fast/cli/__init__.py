@@ -29,7 +29,7 @@ __all__ = ["UsageError", "build_parser", "main", "parse_size"]
 
 EXIT_ERROR = 1
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number
-MODEL_COMMANDS = ("eval", "select", "recalibrate", "demo", "study")  # the ones that load transformers models
+MODEL_COMMANDS = ("eval", "select", "recalibrate", "demo", "study", "protect", "batch")  # the ones that load transformers models
 
 
 def __getattr__(name: str):
@@ -41,7 +41,7 @@ def __getattr__(name: str):
 
 def build_parser() -> argparse.ArgumentParser:
     from safegene_fast._version import __version__
-    from safegene_fast.cli import engine, experiments, method
+    from safegene_fast.cli import engine, experiments, fleet, method
     parser = argparse.ArgumentParser(
         prog="safegene",
         description="Extract a low-rank safety gene from aligned/degraded LLM checkpoints and "
@@ -51,7 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"safegene_fast {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for group in (engine, method, experiments):
+    for group in (engine, method, fleet, experiments):
         group.register(sub)
     return parser
 

@@ -11,6 +11,7 @@ import resource
 from fractions import Fraction
 from pathlib import Path
 
+from safegene_fast.io.inputs import load_coeffs, read_prompts  # noqa: F401  (the commands' input files)
 from safegene_fast.io.writer import DEFAULT_MAX_SHARD_SIZE
 from safegene_fast.method.selection import SCORERS
 
@@ -123,41 +124,6 @@ def add_scorer_option(p: argparse.ArgumentParser, help: str) -> None:
 
 
 # ----------------------------------------------------------------------------- input files
-
-def load_coeffs(path: str) -> dict[str, float]:
-    """coeffs.json: {"<layer index or module name>": alpha, ...}; absent layers get 0."""
-    try:
-        coeffs = json.loads(Path(path).read_text())
-    except OSError as exc:
-        raise UsageError(f"{path}: cannot read the coefficients file ({exc.strerror}).") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise UsageError(f"{path}: the coefficients file is not JSON ({exc}).") from None
-    if not isinstance(coeffs, dict) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in coeffs.values()):
-        raise UsageError(f"{path}: the coefficients file must map layer indices or module names to "
-                         f"finite numbers.")
-    return {str(k): float(v) for k, v in coeffs.items()}
-
-
-def read_prompts(path: str) -> list[str]:
-    """A prompts file: a JSON list of strings, or one prompt per line."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: cannot read the prompts file ({getattr(exc, 'strerror', None) or exc}).") from None
-    if text.lstrip().startswith("["):
-        try:
-            prompts = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise UsageError(f"{path}: the prompts file is not valid JSON ({exc}).") from None
-        if not all(isinstance(p, str) for p in prompts):
-            raise UsageError(f"{path}: a JSON prompts file must be a list of strings.")
-    else:
-        prompts = [line.strip() for line in text.splitlines() if line.strip()]
-    if not prompts:
-        raise UsageError(f"{path}: the prompts file has no prompts.")
-    return prompts
-
 
 def read_examples(path: str):
     """A task file: JSON lines {"prompt": ..., "answer": ...}."""

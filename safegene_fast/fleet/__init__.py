@@ -1,0 +1,1 @@
+"""Fleets of fine-tunes: ``protect`` one, ``batch`` many (a recipe), locally or on Ray."""
