@@ -236,3 +236,18 @@ def test_python_api(fleet, tmp_path):
     with pytest.raises(ValueError, match="not both"):
         sg.protect(fleet / "ft" / "poet", fleet / "gene", tmp_path / "q", 0.8,
                    recalibrate=sg.Shots(["h"], ["k"], "No."))
+
+
+def test_a_recipe_that_extracts_its_gene_checks_outputs_first_and_resumes(fleet, workdir, capsys):
+    extract = {"aligned": "aligned", "degraded": ["degraded"], "rank": 4}
+    bad = write_recipe(workdir, gene=None, extract={**extract, "out": "aligned/gene"})
+    assert main(["batch", bad, "--quiet"]) == 1
+    assert "aligned" in capsys.readouterr().err and not (workdir / "aligned" / "gene").exists()
+    path = write_recipe(workdir, gene=None, extract=extract)
+    rows = run_batch(path, progress=False)
+    assert {r["status"] for r in rows} == {"ok"} and (workdir / "protected" / "gene" / "safegene.json").exists()
+    for name in TARGETS:  # the same gene as the fixture's (same inputs, same seed): the same weights
+        ours, reference = weights_of(workdir / "protected" / name), weights_of(fleet / "reference" / name)
+        assert {k: v for k, v in ours.items() if k.endswith(".safetensors")} == \
+            {k: v for k, v in reference.items() if k.endswith(".safetensors")}
+    assert {r["status"] for r in run_batch(path, resume=True, progress=False)} == {"up to date"}

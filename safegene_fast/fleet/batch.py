@@ -63,22 +63,28 @@ def plan(recipe: Recipe) -> list[Job]:
     return jobs
 
 
-def gene_folder(recipe: Recipe, resume: bool, progress: bool) -> Path:
-    """The recipe's gene: its folder, or extracted once here (reused by ``resume`` when it was made
-    from the same inputs and settings)."""
+def gene_folder(recipe: Recipe) -> Path:
+    """Where the recipe's gene is: its folder, or where ``extract`` writes it."""
     if recipe.gene is not None:
         return Path(recipe.gene)
+    return Path(recipe.extract.out or Path(recipe.out_dir) / "gene")
+
+
+def make_gene(recipe: Recipe, resume: bool, overwrite: bool, progress: bool) -> Path:
+    """The recipe's gene, extracted here when the recipe says how (reused by ``resume`` when it was
+    made from the same inputs and settings)."""
+    out = gene_folder(recipe)
     e = recipe.extract
-    out = Path(e.out or Path(recipe.out_dir) / "gene")
+    if e is None:
+        return out
     if resume and (out / "safegene.json").is_file():
         made = SafetyGene.load(out).provenance
         if made.get("aligned") == e.aligned and made.get("degraded") == e.degraded and \
                 made.get("settings", {}).get("rank") == e.rank:
             return out
     logger.info(f"extracting the gene into {out}")
-    with output_lock(out):
-        extract(e.aligned, e.degraded, rank=e.rank, progress=progress).save(
-            out, overwrite=resume, inputs=[e.aligned, *e.degraded], base_model=e.aligned)
+    extract(e.aligned, e.degraded, rank=e.rank, progress=progress).save(
+        out, overwrite=resume or overwrite, inputs=[e.aligned, *e.degraded], base_model=e.aligned)
     return out
 
 
@@ -170,17 +176,24 @@ def _ray_job(job: Job, gene: SafetyGene, overwrite: bool) -> dict:
     return run_job(job, gene, overwrite)
 
 
-def check_jobs(jobs: list[Job], gene: Path, overwrite: bool) -> None:
-    """Before anything runs: outputs distinct, none touching an input (targets, their bases, the
-    gene), none existing unless ``overwrite``."""
-    check_distinct(*[job.out for job in jobs])
-    inputs = [gene]
+def check_jobs(recipe: Recipe, jobs: list[Job], overwrite: bool) -> None:
+    """Before anything runs: outputs (the targets', and the gene's when it is extracted) distinct,
+    none touching an input (targets, their bases, the gene or what it is extracted from), none
+    existing unless ``overwrite``."""
+    gene = gene_folder(recipe)
+    made = [gene] if recipe.extract is not None else []
+    check_distinct(*[job.out for job in jobs], *made)
+    inputs = [*made] if made else [gene]
+    if recipe.extract is not None:
+        inputs += [recipe.extract.aligned, *recipe.extract.degraded]
     for job in jobs:
         inputs.append(job.model)
         if is_adapter(job.model):
             inputs.append(base_of(job.model, job.base))
         elif job.base is not None:
             raise RecipeError(f"target {job.name}: base is for LoRA adapter targets, and {job.model} is not one.")
+    for out in made:
+        check_output(out, [i for i in inputs if i != out], overwrite=overwrite, folder=True)
     for job in jobs:
         check_output(job.out, inputs, overwrite=overwrite, folder=True)
 
@@ -188,25 +201,26 @@ def check_jobs(jobs: list[Job], gene: Path, overwrite: bool) -> None:
 def run_batch(recipe: str | os.PathLike, *, executor: str = "local", workers: int = 1, address: str | None = None,
               resume: bool = False, overwrite: bool = False, progress: bool = True, on_row=None) -> list[dict]:
     """Protects every target of ``recipe`` (a YAML file); returns one row per target in the
-    recipe's order. ``on_row(row, done, total)`` is called as each one finishes."""
+    recipe's order. ``on_row(row, done, total)`` is called as each one finishes. ``resume``: skip
+    targets that are up to date, and redo (replace) the others."""
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; use {' or '.join(map(repr, EXECUTORS))}.")
     if not (isinstance(workers, int) and workers > 0):
         raise ValueError(f"workers must be a positive integer, not {workers!r}.")
     r = load_recipe(recipe)
     jobs = plan(r)
-    gene = gene_folder(r, resume, progress)
-    rows, todo = {}, []
-    for job in jobs:
-        if resume and up_to_date(job, gene):
-            rows[job.name] = {"target": job.name, "model": job.model, "out": job.out, "status": "up to date",
-                              "seconds": 0.0}
-        else:
-            todo.append(job)
-    check_jobs(todo, gene, overwrite or resume)
+    check_jobs(r, jobs, overwrite or resume)
     with ExitStack() as locks:
-        for job in todo:
-            locks.enter_context(output_lock(job.out))
+        for out in [job.out for job in jobs] + ([gene_folder(r)] if r.extract is not None else []):
+            locks.enter_context(output_lock(out))
+        gene = make_gene(r, resume, overwrite, progress)
+        rows, todo = {}, []
+        for job in jobs:
+            if resume and up_to_date(job, gene):
+                rows[job.name] = {"target": job.name, "model": job.model, "out": job.out, "status": "up to date",
+                                  "seconds": 0.0}
+            else:
+                todo.append(job)
         results = run_local(todo, gene, workers, overwrite or resume) if executor == "local" else \
             run_ray(todo, gene, workers, overwrite or resume, address)
         for row in results:
