@@ -46,7 +46,11 @@ def error_of(capsys, argv):
 
 
 def test_help_explains_every_command():
-    for command in ("extract", "apply", "resta", "bench", "eval", "select", "recalibrate", "demo", "doctor"):
+    from safegene_fast.cli import build_parser
+    commands = build_parser()._subparsers._group_actions[0].choices  # every command there is
+    assert {"extract", "apply", "resta", "bench", "eval", "select", "recalibrate", "protect", "batch", "demo",
+            "study", "doctor"} <= set(commands)
+    for command in commands:
         done = subprocess.run([sys.executable, "-m", "safegene_fast", command, "--help"],
                               capture_output=True, text=True)
         assert done.returncode == 0 and "usage: safegene " + command in done.stdout

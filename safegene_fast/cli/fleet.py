@@ -75,11 +75,13 @@ def cmd_batch(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from safegene_fast.fleet.batch import run_batch
-    bar = tqdm(total=None, desc="batch", unit="target", disable=args.quiet, file=sys.stderr, leave=False)
+    from safegene_fast.fleet.recipe import load_recipe
+    total = len(load_recipe(args.recipe).targets)  # the recipe's errors come before the bar
+    bar = tqdm(total=total, desc="batch", unit="target", disable=args.quiet, file=sys.stderr, leave=False)
 
     def on_row(row: dict, done: int, total: int) -> None:
-        bar.total = total
-        bar.update(1)
+        bar.n = done
+        bar.refresh()
         if not args.quiet:
             tail = f": {row['error']}" if row["status"] == "failed" else f" in {row['seconds']:.1f} s"
             bar.write(f"{row['target']}: {row['status']}{tail}", file=sys.stderr)
