@@ -30,7 +30,7 @@ from safegene_fast.io import Checkpoint
 from safegene_fast.models.synthetic import default_root, write_family
 from safegene_fast.pipeline import extract
 
-WORKER_MARKS = (b"ray::_ray_job", b"ray::IDLE", b"from multiprocessing.spawn", b"safegene_fast apply")
+WORKER_MARKS = (b"ray::_ray_job", b"ray::IDLE", b"from multiprocessing.spawn", b"safegene_fast\x00apply")
 
 
 class PeakWorkerRss:
@@ -67,7 +67,8 @@ class PeakWorkerRss:
 def serial(targets: list[Path], gene: Path, work: Path) -> None:
     for target in targets:
         subprocess.run([sys.executable, "-m", "safegene_fast", "apply", "--model", str(target), "--gene", str(gene),
-                        "--alpha", "0.8", "--out", str(work / target.name), "--quiet"], check=True)
+                        "--alpha", "0.8", "--out", str(work / target.name), "--quiet"], check=True,
+                       stdout=subprocess.DEVNULL)
 
 
 def batch(recipe: Path, executor: str, workers: int) -> None:
