@@ -251,3 +251,15 @@ def test_a_recipe_that_extracts_its_gene_checks_outputs_first_and_resumes(fleet,
         assert {k: v for k, v in ours.items() if k.endswith(".safetensors")} == \
             {k: v for k, v in reference.items() if k.endswith(".safetensors")}
     assert {r["status"] for r in run_batch(path, resume=True, progress=False)} == {"up to date"}
+
+
+@pytest.mark.parametrize("call, error", [
+    (lambda: run_batch(123), "a recipe is the path of a YAML file, not int"),
+    (lambda: run_batch("r.yaml", executor="slurm"), "unknown executor 'slurm'"),
+    (lambda: run_batch("r.yaml", workers=0), "workers must be a positive integer"),
+    (lambda: sg.protect(123, "gene", "out", 1.0), "a checkpoint is a path or a Hub model id, not int"),
+    (lambda: sg.protect("m", "gene", "out", 1.0, format="gguf"), "unknown output format 'gguf'"),
+])
+def test_the_python_api_refuses_values_of_the_wrong_kind(tmp_path, call, error):
+    with pytest.raises((TypeError, ValueError), match=error):
+        call()

@@ -203,6 +203,8 @@ def run_batch(recipe: str | os.PathLike, *, executor: str = "local", workers: in
     """Protects every target of ``recipe`` (a YAML file); returns one row per target in the
     recipe's order. ``on_row(row, done, total)`` is called as each one finishes. ``resume``: skip
     targets that are up to date, and redo (replace) the others."""
+    if not isinstance(recipe, (str, os.PathLike)):
+        raise TypeError(f"a recipe is the path of a YAML file, not {type(recipe).__name__} {recipe!r}.")
     if executor not in EXECUTORS:
         raise ValueError(f"unknown executor {executor!r}; use {' or '.join(map(repr, EXECUTORS))}.")
     if not (isinstance(workers, int) and workers > 0):

@@ -105,6 +105,8 @@ def protect(model: str | os.PathLike, gene: str | os.PathLike | SafetyGene, out:
     or at coefficients recalibrated on ``model`` from the ``recalibrate`` shots; with ``evaluate``
     (harmful prompts), the harmful rate before and after is measured and recorded. ``settings``
     gives all of these at once instead."""
+    if not isinstance(model, (str, os.PathLike)):
+        raise TypeError(f"a checkpoint is a path or a Hub model id, not {type(model).__name__} {model!r}.")
     if settings is None:
         settings = Settings(format=format, coeffs=1.0 if coeffs is None and recalibrate is None else coeffs,
                             recalibrate=recalibrate, evaluate=evaluate)
