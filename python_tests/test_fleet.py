@@ -263,3 +263,36 @@ def test_a_recipe_that_extracts_its_gene_checks_outputs_first_and_resumes(fleet,
 def test_the_python_api_refuses_values_of_the_wrong_kind(tmp_path, call, error):
     with pytest.raises((TypeError, ValueError), match=error):
         call()
+
+
+def test_a_stopped_batch_leaves_whole_outputs_and_resumes(fleet, tmp_path):
+    """SIGTERM in the middle of a batch: it stops soon (targets not started are dropped), every
+    output there is complete, none half-written; --resume then does only the rest."""
+    import subprocess
+    import sys
+    (tmp_path / "gene").symlink_to(fleet / "gene")
+    names = [f"ft-{i}" for i in range(16)]
+    (tmp_path / "ft").mkdir()
+    for name in names:
+        (tmp_path / "ft" / name).symlink_to(fleet / "ft" / "poet")
+    path = write_recipe(tmp_path, targets=[{"model": f"ft/{name}"} for name in names])
+    proc = subprocess.Popen([sys.executable, "-m", "safegene_fast", "batch", path, "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    out = tmp_path / "protected"
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out.is_dir() and any((p / RUN_RECORD).exists() for p in out.iterdir())):
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM and "stopped by SIGTERM" in err.decode()
+    done = sorted(p.name for p in out.iterdir()) if out.exists() else []
+    assert 0 < len(done) < len(names)  # stopped midway: some outputs, not all
+    assert all((out / name / RUN_RECORD).exists() for name in done)  # each one whole; no temporaries
+    rows = run_batch(path, resume=True, progress=False)
+    assert sorted(r["target"] for r in rows if r["status"] == "up to date") == done
+    assert {r["status"] for r in rows if r["target"] not in done} == {"ok"}
+    reference = weights_of(fleet / "reference" / "poet")
+    for name in names:
+        ours = weights_of(out / name)
+        assert {k: v for k, v in ours.items() if k.endswith(".safetensors")} == \
+            {k: v for k, v in reference.items() if k.endswith(".safetensors")}

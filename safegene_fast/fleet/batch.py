@@ -121,11 +121,14 @@ def run_local(jobs: list[Job], gene: Path, workers: int, overwrite: bool) -> Ite
     cores shared among them."""
     from concurrent.futures import ProcessPoolExecutor, as_completed
     threads = max(1, (os.cpu_count() or 1) // workers)
-    with ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
-                             initializer=_init_worker, initargs=(threads,)) as pool:
+    pool = ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=_init_worker, initargs=(threads,))
+    try:
         futures = [pool.submit(run_job, job, str(gene), overwrite) for job in jobs]
         for future in as_completed(futures):
             yield future.result()
+    finally:  # on a stop, targets not started are dropped; those running finish whole (or not at all)
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def planned_memory(job: Job, gene: SafetyGene) -> int:
