@@ -341,3 +341,23 @@ def test_a_task_lora_target_merged_and_combined_agree_with_peft(family, arch, ro
     assert not [w for w in caught if "adapter keys" in str(w.message)]
     torch.testing.assert_close(logits(combined), merged, atol=2e-5, rtol=1e-4)
     torch.testing.assert_close(logits(combined.merge_and_unload()), merged, atol=2e-5, rtol=1e-4)
+
+
+def test_an_adapter_naming_one_weight_twice_is_refused(family, tmp_path):
+    """Gemma 3 multimodal: the loaded name and the checkpoint name of one module both land on the
+    same weight; the adapter is refused, not merged twice or half."""
+    from safegene_fast.lora import open_checkpoint
+    root = family("gemma3")
+    loaded, stored = "model.language_model.layers.0.self_attn.q_proj", "language_model.model.layers.0.self_attn.q_proj"
+    with open_checkpoint(root / "target") as ckpt:
+        out, inp = ckpt.tensors[f"{stored}.weight"].shape
+    factors = {}
+    for module in (loaded, stored):
+        factors[f"base_model.model.{module}.lora_A.weight"] = torch.randn(2, inp)
+        factors[f"base_model.model.{module}.lora_B.weight"] = torch.randn(out, 2)
+    (tmp_path / "task").mkdir()
+    save_file(factors, str(tmp_path / "task" / "adapter_model.safetensors"))
+    (tmp_path / "task" / "adapter_config.json").write_text(json.dumps(
+        {"peft_type": "LORA", "r": 2, "lora_alpha": 2, "base_model_name_or_path": str(root / "target")}))
+    with pytest.raises(CheckpointError, match=f"two of its modules update the base's weight '{stored}.weight'"):
+        open_checkpoint(tmp_path / "task")

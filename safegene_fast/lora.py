@@ -183,14 +183,19 @@ class LoraAdapter:
                                       f"which is not read; merge it with PEFT's merge_and_unload and give the merged "
                                       f"model.")
         self.updates: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._fused_taken: set[str] = set()  # fused parameters a factor pair was assigned to
         for module, pair in factors.items():
             owner = re.sub(r"(\.base_layer)+$", "", module)  # PEFT nests a wrapper per targeted parameter
             candidates = {p: members for p, members in fused.items() if p.rsplit(".", 1)[0] == owner}
             if candidates:
-                self.updates.update(self._expert_updates(module, pair, candidates, file))
+                updates = self._expert_updates(module, pair, candidates, file)
             else:
-                self.updates[self._land(module, pair, embedding[module], stored.get(module, module), base, file)] = \
-                    self._factors(module, pair, embedding[module], file)
+                name = self._land(module, pair, embedding[module], stored.get(module, module), base, file)
+                updates = {name: self._factors(module, pair, embedding[module], file)}
+            twice = next((name for name in updates if name in self.updates), None)
+            if twice is not None:
+                raise CheckpointError(f"{file}: two of its modules update the base's weight {twice!r}.")
+            self.updates.update(updates)
 
     def _expert_updates(self, module: str, pair: dict, candidates: dict, file: Path) -> dict:
         """Per checkpoint expert weight, its share of a LoRA on a fused expert parameter [E, out, in]:
@@ -205,14 +210,13 @@ class LoraAdapter:
             rows = expert.shape[0] * len(expert.template)
             if A.shape[0] % expert.count == 0 and A.shape[1] == expert.shape[1] and B.shape[0] == rows:
                 fits.append(parameter)
-        taken = getattr(self, "_fused_taken", set())
-        fits = [p for p in fits if p not in taken]
+        fits = [p for p in fits if p not in self._fused_taken]
         if len(fits) != 1:
             what = "none" if not fits else "more than one"
             raise CheckpointError(f"{file}: the factors of module {module!r} ({list(B.shape)} and {list(A.shape)}) fit "
                                   f"{what} of the fused expert parameters of the base ({', '.join(sorted(candidates))}).")
         parameter = fits[0]
-        self._fused_taken = taken | {parameter}
+        self._fused_taken.add(parameter)
         members = candidates[parameter]
         count, out = members[0][1].count, members[0][1].shape[0]
         rank = A.shape[0] // count
