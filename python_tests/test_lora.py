@@ -369,3 +369,20 @@ def test_base_without_an_adapter_input_and_a_gene_given_as_the_model_are_mistake
     assert run("apply", "--model", lora["gene"], "--gene", lora["gene"], "--out", tmp_path / "out") != 0
     assert "is a safety gene, not a fine-tune" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_protect_and_batch_take_an_adapter_whose_base_is_given(lora, tmp_path):
+    """An adapter whose config names no base, its base given: protect fingerprints it on that base,
+    and a batch resumes it."""
+    import yaml
+
+    from safegene_fast.fleet.batch import run_batch
+    adapter = copy_adapter(lora, tmp_path)
+    edit_config(adapter, base_model_name_or_path="")
+    done = safegene_fast.protect(adapter, lora["gene"], tmp_path / "p", 0.7, base=lora["base"])
+    assert len(done.record["target"]["fingerprint"]) == 64
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump({"gene": str(lora["gene"]), "alpha": 0.7, "out_dir": str(tmp_path / "fleet"),
+                                      "targets": [{"model": str(adapter), "base": str(lora["base"])}]}))
+    assert run_batch(recipe, progress=False)[0]["status"] == "ok"
+    assert run_batch(recipe, resume=True, progress=False)[0]["status"] == "up to date"

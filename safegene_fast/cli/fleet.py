@@ -20,9 +20,6 @@ from safegene_fast.cli.options import (
     with_bases,
 )
 
-GENERIC_REFUSAL = "I'm sorry, but I can't help with that."
-
-
 def cmd_protect(args: argparse.Namespace) -> int:
     from safegene_fast.fleet.protect import Settings, Shots, protect
     if bool(args.harmful) != bool(args.keep):
@@ -32,8 +29,9 @@ def cmd_protect(args: argparse.Namespace) -> int:
     check_outputs(args, [*with_bases([args.model], args.base), args.gene], folders=[args.out])
     shots = None
     if args.harmful:
-        shots = Shots(read_prompts(args.harmful), read_prompts(args.keep), args.refusal, args.shots, args.steps,
-                      args.lr, args.alpha_max)
+        from safegene_fast.eval.generate import REFUSAL
+        shots = Shots(read_prompts(args.harmful), read_prompts(args.keep), args.refusal or REFUSAL, args.shots,
+                      args.steps, args.lr, args.alpha_max)
     coeffs = None if shots else load_coeffs(args.coeffs) if args.coeffs else 1.0 if args.alpha is None else args.alpha
     settings = Settings(format=args.format, coeffs=coeffs, recalibrate=shots,
                         evaluate=read_prompts(args.evaluate)[:args.limit] if args.evaluate else None)
@@ -116,7 +114,7 @@ def register(sub) -> None:
     coeff.add_argument("--coeffs", metavar="JSON", help="per-layer or per-module coefficients")
     p.add_argument("--harmful", metavar="FILE", help="harmful prompts whose refusal recalibration makes likely")
     p.add_argument("--keep", metavar="FILE", help="task prompts whose own answers recalibration keeps")
-    p.add_argument("--refusal", default=GENERIC_REFUSAL, help="the refusal text (default: a generic one)")
+    p.add_argument("--refusal", help="the refusal text (default: a generic one, as recalibrate's)")
     p.add_argument("--shots", type=positive_int, default=16, help="prompts of each kind used (default 16)")
     p.add_argument("--steps", type=positive_int, default=40, help="gradient steps (default 40)")
     p.add_argument("--lr", type=positive_float, default=0.1, help="Adam learning rate (default 0.1)")

@@ -92,7 +92,8 @@ def up_to_date(job: Job, gene: Path) -> bool:
     """The job's output is complete and was made from these inputs with these settings."""
     try:
         record = json.loads((Path(job.out) / RUN_RECORD).read_text(encoding="utf-8"))
-        return (record["settings"] == job.settings.as_dict() and record["target"]["fingerprint"] == fingerprint(job.model)
+        return (record["settings"] == job.settings.as_dict()
+                and record["target"]["fingerprint"] == fingerprint(job.model, job.base)
                 and record["gene"]["fingerprint"] == gene_fingerprint(gene))
     except (OSError, ValueError, KeyError, TypeError):
         return False

@@ -60,16 +60,16 @@ class Settings:
         return json.loads(json.dumps(asdict(self)))  # JSON's own types, as the record stores them
 
 
-def fingerprint(path: str | os.PathLike) -> str:
+def fingerprint(path: str | os.PathLike, base: str | os.PathLike | None = None) -> str:
     """sha256 of a checkpoint's safetensors headers (every tensor's name, dtype, shape, offsets) and
     its files' sizes and modification times, plus a LoRA adapter's factor file whole: it changes
     when a file is replaced or rewritten, without reading the weights (tens of GB)."""
     digest = hashlib.sha256()
-    with open_checkpoint(path) as ckpt:
-        base = ckpt.base if isinstance(ckpt, LoraCheckpoint) else ckpt
-        for name, info in sorted(base.tensors.items()):
+    with open_checkpoint(path, base) as ckpt:
+        stored = ckpt.base if isinstance(ckpt, LoraCheckpoint) else ckpt
+        for name, info in sorted(stored.tensors.items()):
             digest.update(f"{name}|{info.dtype}|{list(info.shape)}|{info.file.name}|{info.offset}\n".encode())
-        for file in sorted({info.file for info in base.tensors.values()}):
+        for file in sorted({info.file for info in stored.tensors.values()}):
             stat = file.stat()
             digest.update(f"{file.name}|{stat.st_size}|{stat.st_mtime_ns}\n".encode())
         if isinstance(ckpt, LoraCheckpoint):
@@ -122,7 +122,7 @@ def protect(model: str | os.PathLike, gene: str | os.PathLike | SafetyGene, out:
         "safegene_fast": __version__,
         "python": platform.python_version(),
         "target": {"path": str(model), "base": str(base) if base is not None else None,
-                   "adapter": is_adapter(model), "fingerprint": fingerprint(model)},
+                   "adapter": is_adapter(model), "fingerprint": fingerprint(model, base)},
         "gene": {"path": str(gene_folder) if gene_folder else None,
                  "fingerprint": gene_fingerprint(gene_folder) if gene_folder else None,
                  "provenance": gene.provenance, "selected_layers": gene.selected_layers},

@@ -25,6 +25,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from safegene_fast.eval.generate import REFUSAL
 from safegene_fast.io import CheckpointError
 from safegene_fast.io.reader import HUB_ID
 from safegene_fast.pipeline import FORMATS
@@ -48,7 +49,7 @@ class ExtractStep(_Strict):
 class RecalibrateStep(_Strict):
     harmful: str                       # a prompt file: one prompt a line, or a JSON list
     keep: str                          # task prompts whose own answers are kept
-    refusal: str = "I'm sorry, but I can't help with that."
+    refusal: str = REFUSAL
     shots: int = Field(16, gt=0)
     steps: int = Field(40, gt=0)
     lr: float = Field(0.1, gt=0)
